@@ -1,0 +1,210 @@
+"""`cityplane`: the one command line of the platform.
+
+Bad input ends with one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exit code attached."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _env(name: str, default: Any = None) -> Any:
+    return os.environ.get(f"CITYPLANE_{name}", default)
+
+
+def _int_env(name: str, default: int | None) -> int | None:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise CliError(f"CITYPLANE_{name}={raw!r} is not a number", EXIT_USAGE) from None
+
+
+def _add_server_args(p: argparse.ArgumentParser, port: int) -> None:
+    p.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="listen address")
+    p.add_argument("--port", type=int, default=_int_env("PORT", port), help="listen port")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cityplane",
+        description="CityPlane: gateway, identity hub, registry and operators for a city.",
+    )
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    up = sub.add_parser("up", help="run the whole platform on this machine with a demo city")
+    _add_server_args(up, 8080)
+    up.add_argument("--status-port", type=int, default=_int_env("STATUS_PORT", 8081))
+    up.add_argument(
+        "--data-dir", type=Path, default=Path(_env("DATA_DIR", ".cityplane")), help="state dir"
+    )
+    up.add_argument("--exit-after", type=float, default=None, help=argparse.SUPPRESS)
+
+    gw = sub.add_parser("gateway", help="run the API gateway")
+    _add_server_args(gw, 8080)
+    gw.add_argument(
+        "--config",
+        type=Path,
+        action="append",
+        default=[Path(p) for p in (_env("GATEWAY_CONFIG") or "").split(os.pathsep) if p],
+        help="CityService file or directory (repeatable)",
+    )
+    gw.add_argument("--registry", default=_env("REGISTRY_URL"), help="registry URL to follow")
+    gw.add_argument("--status-port", type=int, default=_int_env("STATUS_PORT", 8081))
+    gw.add_argument("--status-host", default=_env("STATUS_HOST"))
+    gw.add_argument("--workers", type=int, default=_int_env("WORKERS", 1), help="0 = one per CPU")
+    gw.add_argument("--redis", default=_env("REDIS_URL"), help="redis://… for shared state")
+    gw.add_argument(
+        "--trusted-proxy",
+        action="append",
+        default=[c for c in (_env("TRUSTED_PROXIES") or "").split(",") if c],
+        help="CIDR whose X-Forwarded-For is believed (repeatable)",
+    )
+    gw.add_argument("--access-log", default=_env("ACCESS_LOG", "stdout"), help="stdout|off|FILE")
+    gw.add_argument("--otlp-endpoint", default=_env("OTLP_ENDPOINT"))
+    gw.add_argument("--max-body", type=int, default=_int_env("MAX_BODY", 10 * 1024 * 1024))
+    gw.add_argument("--watch-interval", type=float, default=1.0, help="0 disables file watching")
+
+    for name, what in (
+        ("identity", "the OIDC identity hub"),
+        ("registry", "the registry (control plane)"),
+        ("operator", "the Kubernetes operator"),
+    ):
+        p = sub.add_parser(name, help=f"run {what} (not in this version yet)")
+        _add_server_args(p, 0)
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def _gateway_settings(args: argparse.Namespace) -> Any:
+    from gateway.runtime import GatewaySettings
+    from gateway.server import GatewayLimits
+
+    if args.registry:
+        raise CliError(
+            "--registry: following a registry needs the registry part, not in this version yet",
+            EXIT_USAGE,
+        )
+    if not args.config:
+        raise CliError("give --config FILE|DIR (or CITYPLANE_GATEWAY_CONFIG)", EXIT_USAGE)
+    for p in args.config:
+        if not p.exists():
+            raise CliError(f"--config {p}: no such file or directory", EXIT_CONFIG)
+    if args.status_port == args.port:
+        raise CliError("--status-port must differ from --port", EXIT_USAGE)
+    return GatewaySettings(
+        config=list(args.config),
+        host=args.host,
+        port=args.port,
+        status_host=args.status_host,
+        status_port=args.status_port,
+        redis_url=args.redis,
+        trusted_proxies=list(args.trusted_proxy),
+        access_log=args.access_log,
+        otlp_endpoint=args.otlp_endpoint,
+        watch_interval=args.watch_interval,
+        limits=GatewayLimits(max_body=args.max_body),
+    )
+
+
+def _check_config(settings: Any) -> None:
+    """Validate config before binding anything, so errors are one line and exit 3."""
+    from cityplane.documents import DocumentError, load_documents
+    from gateway.compiler import ConfigError, Compiler, PolicyContext
+    from gateway.policies.ratelimit_store import LocalStore
+
+    try:
+        services = load_documents(settings.config)
+        local = LocalStore()
+        Compiler(PolicyContext(local, local)).compile(services)
+    except (DocumentError, ConfigError) as exc:
+        raise CliError(f"invalid config: {exc}", EXIT_CONFIG) from None
+
+
+def _run_gateway(args: argparse.Namespace) -> int:
+    workers = args.workers if args.workers > 0 else (os.cpu_count() or 1)
+    if workers > 1:
+        # Multi-process metrics must be chosen before any metric is created.
+        from gateway.workers import prepare_multiprocess_metrics
+
+        prepare_multiprocess_metrics()
+        from gateway.workers import run_workers
+
+        settings = _gateway_settings(args)
+        _check_config(settings)
+        return run_workers(settings, workers)
+    settings = _gateway_settings(args)
+    _check_config(settings)
+    from gateway.runtime import serve
+
+    _use_uvloop()
+    try:
+        asyncio.run(serve(settings))
+    except OSError as exc:
+        raise CliError(f"cannot listen: {exc.strerror or exc}", 1) from None
+    return 0
+
+
+def _use_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=str(args.log_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "gateway":
+            return _run_gateway(args)
+        if args.command == "up":
+            from cityplane.demo import run_demo
+
+            _use_uvloop()
+            return run_demo(args)
+        if args.command == "version":
+            from importlib.metadata import version
+
+            print(f"cityplane {version('cityplane')}")
+            return 0
+        if args.command in ("identity", "registry", "operator"):
+            raise CliError(f"'cityplane {args.command}' is not in this version yet", EXIT_USAGE)
+        parser.print_help()
+        return EXIT_USAGE
+    except CliError as exc:
+        print(f"cityplane: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""`cityplane up`: the platform on one machine, with a small demo city to try it on.
+
+Starts demo city services in-process (two bus-times instances, a permits service, and an
+archive service that is down on purpose), writes their CityService documents to
+``<data-dir>/demo-city/services.yaml`` (edit it: the gateway reloads), runs the gateway with
+embedded defaults (in-process limits and breaker state), prints what to try and writes the
+same to ``<data-dir>/demo.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from cityplane.cli import CliError
+
+
+def _bus_app(instance: str) -> web.Application:
+    async def arrivals(request: web.Request) -> web.Response:
+        stop = request.match_info["stop"]
+        return web.json_response(
+            {
+                "stop": stop,
+                "arrivals": [{"line": "42", "in_minutes": 3}, {"line": "7", "in_minutes": 11}],
+                "served_by": instance,
+            }
+        )
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "instance": instance})
+
+    app = web.Application()
+    app.router.add_get("/stops/{stop}/arrivals", arrivals)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def _permits_app() -> web.Application:
+    permits: dict[str, dict[str, Any]] = {}
+
+    async def create(request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "send JSON"}, status=400)
+        pid = f"P{len(permits) + 1:05d}"
+        permits[pid] = {"id": pid, "status": "received", "request": body}
+        return web.json_response(permits[pid], status=201)
+
+    async def show(request: web.Request) -> web.Response:
+        permit = permits.get(request.match_info["pid"])
+        if permit is None:
+            return web.json_response({"error": "no such permit"}, status=404)
+        return web.json_response(permit)
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_post("/permits", create)
+    app.router.add_get("/permits/{pid}", show)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def demo_services(bus: list[str], permits: str, archive: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "apiVersion": "cityplane.io/v1alpha1",
+            "kind": "CityService",
+            "metadata": {"name": "bus-times", "labels": {"department": "transport"}},
+            "spec": {
+                "version": "v1",
+                "lifecycle": "published",
+                "upstream": {
+                    "targets": [{"url": u, "weight": 1} for u in bus],
+                    "loadBalancing": "round-robin",
+                    "healthCheck": {"path": "/healthz", "interval": "2s"},
+                    "timeouts": {"connect": "1s", "request": "5s"},
+                    "retries": {"attempts": 2},
+                    "circuitBreaker": {"failureThreshold": 5, "resetTimeout": "10s"},
+                },
+                "routes": [
+                    {
+                        "name": "arrivals",
+                        "match": {"pathPrefix": "/bus/", "methods": ["GET"]},
+                        "stripPrefix": True,
+                        "rateLimit": {"requests": 5, "window": "10s", "key": "ip"},
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "cityplane.io/v1alpha1",
+            "kind": "CityService",
+            "metadata": {"name": "permits", "labels": {"department": "construction"}},
+            "spec": {
+                "version": "v1",
+                "lifecycle": "deprecated",
+                "sunset": "2027-06-30T00:00:00Z",
+                "upstream": {"targets": [{"url": permits}]},
+                "routes": [
+                    {"name": "permits", "match": {"pathPrefix": "/permits"}},
+                ],
+            },
+        },
+        {
+            "apiVersion": "cityplane.io/v1alpha1",
+            "kind": "CityService",
+            "metadata": {"name": "archive", "labels": {"department": "records"}},
+            "spec": {
+                "version": "v1",
+                "upstream": {
+                    # Nothing listens here: the demo's broken legacy system.
+                    "targets": [{"url": archive}],
+                    "retries": {"attempts": 0},
+                    "circuitBreaker": {"failureThreshold": 3, "resetTimeout": "30s"},
+                },
+                "routes": [{"name": "records", "match": {"pathPrefix": "/archive/"}}],
+            },
+        },
+    ]
+
+
+async def _serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = _free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def _demo(args: argparse.Namespace) -> None:
+    from gateway.runtime import Gateway, GatewaySettings
+
+    data_dir: Path = args.data_dir.resolve()
+    (data_dir / "demo-city").mkdir(parents=True, exist_ok=True)
+    runners = []
+    bus_urls = []
+    for name in ("bus-a", "bus-b"):
+        runner, url = await _serve_app(_bus_app(name))
+        runners.append(runner)
+        bus_urls.append(url)
+    runner, permits_url = await _serve_app(_permits_app())
+    runners.append(runner)
+    archive_url = f"http://127.0.0.1:{_free_port()}"
+    config = data_dir / "demo-city" / "services.yaml"
+    config.write_text(
+        "# The demo city's services. Edit and save: the gateway reloads within a second.\n"
+        + yaml.safe_dump_all(demo_services(bus_urls, permits_url, archive_url), sort_keys=False)
+    )
+    settings = GatewaySettings(
+        config=[config],
+        host=args.host,
+        port=args.port,
+        status_port=args.status_port,
+        access_log=str(data_dir / "access.log"),
+    )
+    gateway = Gateway(settings)
+    try:
+        await gateway.start()
+    except OSError as exc:
+        for r in runners:
+            await r.cleanup()
+        raise CliError(
+            f"cannot listen on {args.host}:{args.port}/{args.status_port}: {exc.strerror or exc}"
+            " (use --port/--status-port)"
+        ) from None
+    base = f"http://{args.host}:{gateway.port}"
+    status = f"http://{args.host}:{gateway.status_port}"
+    tries = [
+        {"what": "a routed call, balanced over two bus-times instances",
+         "curl": f"curl -i {base}/bus/stops/1024/arrivals"},
+        {"what": "a rate-limited call: 5 per 10 s per client IP, the 6th gets 429",
+         "curl": f"for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}}\\n' "
+                 f"{base}/bus/stops/1024/arrivals; done"},
+        {"what": "a breaker trip: the archive is down; after 3 failures (502) the breaker "
+                 "answers 503 at once",
+         "curl": f"for i in 1 2 3 4 5; do curl -s -o /dev/null -w '%{{http_code}}\\n' "
+                 f"{base}/archive/records/1; done"},
+        {"what": "a deprecated API: served with Deprecation and Sunset headers",
+         "curl": f"curl -i -X POST -H 'Content-Type: application/json' -d '{{\"site\": \"Lot 9\"}}' "
+                 f"{base}/permits"},
+        {"what": "metrics", "curl": f"curl -s {status}/metrics | grep cityplane_gateway"},
+    ]
+    demo = {
+        "gateway": base,
+        "status": status,
+        "config": str(config),
+        "access_log": str(data_dir / "access.log"),
+        "services": {"bus-times": bus_urls, "permits": [permits_url], "archive": [archive_url]},
+        "try": tries,
+    }
+    (data_dir / "demo.json").write_text(json.dumps(demo, indent=2) + "\n")
+    lines = [
+        "CityPlane is up (embedded defaults: in-process limits and breaker state).",
+        f"  gateway   {base}",
+        f"  status    {status}/healthz  /readyz  /metrics",
+        f"  config    {config}  (edit it: the gateway reloads)",
+        f"  access    {data_dir / 'access.log'}",
+        "Try:",
+    ]
+    for t in tries:
+        lines += [f"  # {t['what']}", f"  {t['curl']}"]
+    lines.append(f"(written to {data_dir / 'demo.json'}; Ctrl-C stops)")
+    print("\n".join(lines), flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(gateway.reload()))
+    try:
+        if args.exit_after is not None:
+            await asyncio.wait_for(stop.wait(), args.exit_after)
+        else:
+            await stop.wait()
+    except TimeoutError:
+        pass
+    finally:
+        await gateway.stop()
+        for r in runners:
+            await r.cleanup()
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    asyncio.run(_demo(args))
+    return 0

@@ -1,0 +1,256 @@
+"""The one schema of a city service.
+
+Every part reads services through these models: the gateway's config files, the registry's
+API (later), `cityplane apply` files and the Kubernetes CRDs (whose ``openAPIV3Schema`` is
+generated from :func:`service_json_schema`). Field names are camelCase, Kubernetes style, as
+``ARCHITECTURE.md`` fixes them. Unknown fields are rejected everywhere.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    field_validator,
+    model_validator,
+)
+
+API_VERSION = "cityplane.io/v1alpha1"
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Accept ``250ms``, ``1s``, ``1.5s``, ``2m``, ``1h`` or a bare number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration like '1s', '250ms' or '2m' is required")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    else:
+        raise ValueError(f"{value!r} is not a duration (use e.g. '1s', '250ms', '2m')")
+    if seconds <= 0:
+        raise ValueError("a duration must be greater than zero")
+    return seconds
+
+
+def _format_duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    return f"{seconds:g}s"
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    PlainSerializer(_format_duration, return_type=str, when_used="json"),
+    Field(json_schema_extra={"type": "string", "pattern": _DURATION.pattern}),
+]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+# --- upstream -------------------------------------------------------------------------------
+
+
+class Target(Strict):
+    url: str = Field(description="Base URL of one upstream instance, http:// or https://.")
+    weight: int = Field(default=1, ge=0, le=1000)
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_http(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http(s) URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError("a target URL takes no query or fragment")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError(f"{url!r} has an invalid port") from exc
+        return url
+
+
+class HealthCheck(Strict):
+    path: str = "/healthz"
+    interval: Duration = 5.0
+    timeout: Duration = 1.0
+    healthyThreshold: int = Field(default=2, ge=1, le=100)
+    unhealthyThreshold: int = Field(default=3, ge=1, le=100)
+    # Passive checks (Envoy's outlier detection): consecutive failures of real traffic eject a
+    # target for `ejectionTime`; active checks (or the ejection timer) bring it back.
+    passiveFailures: int = Field(default=5, ge=0, le=1000, description="0 disables passive checks")
+    ejectionTime: Duration = 30.0
+    active: bool = True
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError("must start with '/'")
+        return path
+
+
+class Timeouts(Strict):
+    connect: Duration = 1.0
+    request: Duration = 10.0
+
+
+class Retries(Strict):
+    attempts: int = Field(default=2, ge=0, le=10, description="extra attempts, idempotent only")
+    # Envoy-style retry budget: retries may add at most this share of the active requests.
+    budgetPercent: float = Field(default=20.0, ge=0, le=100)
+    minRetryConcurrency: int = Field(default=3, ge=0)
+
+
+class CircuitBreaker(Strict):
+    failureThreshold: int = Field(default=5, ge=1, le=100_000)
+    resetTimeout: Duration = 10.0
+
+
+LoadBalancing = Literal["round-robin", "least-request", "consistent-hash"]
+
+
+class Upstream(Strict):
+    targets: list[Target] = Field(min_length=1)
+    loadBalancing: LoadBalancing = "round-robin"
+    hashOn: str = Field(
+        default="ip",
+        description="consistent-hash key: 'ip', 'header:<name>' or 'cookie:<name>'",
+    )
+    healthCheck: HealthCheck | None = None
+    timeouts: Timeouts = Timeouts()
+    retries: Retries = Retries()
+    circuitBreaker: CircuitBreaker | None = CircuitBreaker()
+
+    @field_validator("hashOn")
+    @classmethod
+    def _hash_on(cls, value: str) -> str:
+        if value == "ip" or re.fullmatch(r"(header|cookie):[A-Za-z0-9!#$%&'*+.^_`|~-]+", value):
+            return value
+        raise ValueError("must be 'ip', 'header:<name>' or 'cookie:<name>'")
+
+
+# --- routes ---------------------------------------------------------------------------------
+
+Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+_HOST = re.compile(r"^(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:\d+)?$")
+
+
+class Match(Strict):
+    pathPrefix: str | None = None
+    path: str | None = Field(default=None, description="exact path; wins over any prefix")
+    methods: list[Method] | None = None
+    host: str | None = Field(default=None, description="exact host or '*.example.org'")
+
+    @field_validator("pathPrefix", "path")
+    @classmethod
+    def _clean_path(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith("/"):
+            raise ValueError("must start with '/'")
+        segments = value.split("/")
+        if any(s in (".", "..") for s in segments) or "//" in value or "%" in value:
+            raise ValueError("must be a normalized path (no '.', '..', '//' or '%')")
+        return value
+
+    @field_validator("host")
+    @classmethod
+    def _valid_host(cls, value: str | None) -> str | None:
+        if value is not None and not _HOST.match(value):
+            raise ValueError(f"{value!r} is not a host name")
+        return value.lower() if value else value
+
+    @model_validator(mode="after")
+    def _one_path(self) -> Match:
+        if (self.pathPrefix is None) == (self.path is None):
+            raise ValueError("give exactly one of 'pathPrefix' or 'path'")
+        return self
+
+
+class Auth(Strict):
+    required: bool = True
+    scopes: list[str] = []
+    minTrustLevel: int = Field(default=1, ge=1, le=4)
+    maxAge: Duration | None = None
+
+
+_RATE_KEY = re.compile(r"^(consumer|ip|route|header:[A-Za-z0-9!#$%&'*+.^_`|~-]+)$")
+
+
+class RateLimit(Strict):
+    requests: int = Field(ge=1, le=10_000_000)
+    window: Duration
+    key: str = "consumer"
+    onStoreError: Literal["open", "closed", "local"] = "open"
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        if not _RATE_KEY.match(value):
+            raise ValueError("must be 'consumer', 'ip', 'route' or 'header:<name>'")
+        return value
+
+
+class Route(Strict):
+    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+    match: Match
+    stripPrefix: bool = False
+    auth: Auth | None = None
+    rateLimit: RateLimit | None = None
+
+
+# --- the document ---------------------------------------------------------------------------
+
+Lifecycle = Literal["draft", "published", "deprecated", "retired"]
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+
+
+class Metadata(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+
+
+class ServiceSpec(Strict):
+    version: str = Field(default="v1", pattern=r"^v\d+([a-z0-9]+)?$")
+    lifecycle: Lifecycle = "published"
+    sunset: datetime | None = Field(default=None, description="RFC 8594 Sunset, when deprecated")
+    deprecatedSince: datetime | None = None
+    owner: str | None = None
+    upstream: Upstream
+    routes: list[Route] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_route_names(self) -> ServiceSpec:
+        names = [r.name for r in self.routes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"route names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+class CityService(Strict):
+    apiVersion: Literal["cityplane.io/v1alpha1"] = API_VERSION
+    kind: Literal["CityService"] = "CityService"
+    metadata: Metadata
+    spec: ServiceSpec
+
+
+def service_json_schema() -> dict[str, Any]:
+    """JSON Schema of the document; the CRD generator and the registry's OpenAPI use it."""
+    return CityService.model_json_schema(by_alias=True)

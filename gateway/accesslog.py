@@ -1,0 +1,73 @@
+"""JSON access log, kept off the request's critical path.
+
+Each request appends one pre-serialized line to an in-memory buffer; a background task writes
+the buffer every ``flush_interval`` (or when it passes ``max_lines``) in one write. If the sink
+blocks or fails, lines are dropped and counted rather than stalling requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from typing import IO, Any
+
+log = logging.getLogger("cityplane.gateway")
+
+
+class AccessLog:
+    def __init__(
+        self,
+        sink: IO[str] | None = None,
+        *,
+        flush_interval: float = 0.25,
+        max_lines: int = 4096,
+    ) -> None:
+        self._sink = sink if sink is not None else sys.stdout
+        self._buffer: list[str] = []
+        self._interval = flush_interval
+        self._max = max_lines * 4
+        self._soft_max = max_lines
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self.dropped = 0
+
+    def record(self, entry: dict[str, Any]) -> None:
+        buf = self._buffer
+        if len(buf) >= self._max:
+            self.dropped += 1
+            return
+        buf.append(json.dumps(entry, separators=(",", ":"), ensure_ascii=False))
+        if len(buf) >= self._soft_max:
+            self._wake.set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="access-log")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        lines, self._buffer = self._buffer, []
+        try:
+            self._sink.write("\n".join(lines) + "\n")
+            self._sink.flush()
+        except (OSError, ValueError) as exc:
+            self.dropped += len(lines)
+            log.warning("access log sink failed (%s); %d lines dropped", exc, len(lines))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        self.flush()

@@ -1,0 +1,52 @@
+"""One request's passage through the gateway: what policies read and write."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiohttp.web_request import BaseRequest
+
+
+class Exchange:
+    """Per-request state handed along the route's policy chain.
+
+    Kept to slots and plain attributes: it is allocated once per request on the hot path.
+    """
+
+    __slots__ = (
+        "client_ip",
+        "consumer",
+        "identity",
+        "path",
+        "request",
+        "request_id",
+        "response_headers",
+        "route_id",
+        "start",
+        "upstream_headers",
+    )
+
+    def __init__(
+        self,
+        request: BaseRequest,
+        *,
+        client_ip: str,
+        path: str,
+        route_id: str,
+        request_id: str,
+        start: float,
+    ) -> None:
+        self.request = request
+        self.client_ip = client_ip
+        self.path = path  # normalized path, what routing matched
+        self.route_id = route_id  # "service/route", stable across reloads
+        self.request_id = request_id
+        self.start = start
+        # Set by the auth policy once a token is verified: the token's client or subject.
+        self.consumer: str | None = None
+        self.identity: dict[str, Any] | None = None
+        # Extra headers for the client's response (RateLimit, Deprecation, …).
+        self.response_headers: list[tuple[str, str]] = []
+        # Extra headers for the upstream request (verified identity, …).
+        self.upstream_headers: list[tuple[str, str]] = []

@@ -1,0 +1,148 @@
+"""Headers between client and upstream: hop-by-hop removal, Forwarded/X-Forwarded-*, identity.
+
+RFC 9110 §7.6.1: a proxy removes the hop-by-hop fields (and any field the Connection header
+names) before forwarding. RFC 7239: `Forwarded`. Client-supplied forwarding headers are only
+believed when the peer is a configured trusted proxy; otherwise they are replaced.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Sequence
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",  # re-framed by the upstream pool
+        "expect",  # answered by the gateway itself
+    }
+)
+FORWARDING = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+# Headers the gateway sets for upstreams: never accepted from a client.
+IDENTITY_PREFIX = "x-cityplane-"
+GATEWAY_SET = frozenset({"x-request-id", "traceparent"})
+
+RESPONSE_DROP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "date",
+        "server",
+    }
+)
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class TrustedProxies:
+    """Which peers may tell us the original client (X-Forwarded-For / Forwarded)."""
+
+    __slots__ = ("_cache", "_networks")
+
+    def __init__(self, cidrs: Iterable[str] = ()) -> None:
+        self._networks: tuple[Network, ...] = tuple(
+            ipaddress.ip_network(c, strict=False) for c in cidrs
+        )
+        self._cache: dict[str, bool] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def trusts(self, peer: str) -> bool:
+        if not self._networks:
+            return False
+        hit = self._cache.get(peer)
+        if hit is None:
+            try:
+                addr = ipaddress.ip_address(peer)
+            except ValueError:
+                hit = False
+            else:
+                hit = any(addr in net for net in self._networks)
+            if len(self._cache) < 10_000:
+                self._cache[peer] = hit
+        return hit
+
+
+def client_address(peer: str, xff: str | None, trusted: TrustedProxies) -> str:
+    """The original client: walk X-Forwarded-For from the right past trusted proxies."""
+    if not xff or not trusted.trusts(peer):
+        return peer
+    hops = [h.strip() for h in xff.split(",") if h.strip()]
+    for hop in reversed(hops):
+        if not trusted.trusts(hop):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _forwarded_node(addr: str) -> str:
+    return f'"[{addr}]"' if ":" in addr else addr
+
+
+def upstream_headers(
+    raw_headers: Sequence[tuple[bytes, bytes]],
+    *,
+    peer: str,
+    peer_trusted: bool,
+    scheme: str,
+    host: str,
+) -> list[tuple[str, str]]:
+    """The client's end-to-end headers, cleaned, plus the forwarding headers for this hop."""
+    connection_named: set[str] = set()
+    out: list[tuple[str, str]] = []
+    prior_xff: list[str] = []
+    prior_fwd: list[str] = []
+    for raw_name, raw_value in raw_headers:
+        name = raw_name.decode("latin-1")
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == "connection":
+                connection_named.update(
+                    t.strip().lower() for t in raw_value.decode("latin-1").split(",")
+                )
+            continue
+        if lname in FORWARDING:
+            if peer_trusted:
+                if lname == "x-forwarded-for":
+                    prior_xff.append(raw_value.decode("latin-1"))
+                elif lname == "forwarded":
+                    prior_fwd.append(raw_value.decode("latin-1"))
+                else:
+                    out.append((name, raw_value.decode("latin-1")))
+            continue
+        if lname.startswith(IDENTITY_PREFIX) or lname in GATEWAY_SET:
+            continue
+        out.append((name, raw_value.decode("latin-1")))
+    if connection_named:
+        out = [(n, v) for n, v in out if n.lower() not in connection_named]
+    xff = ", ".join([*prior_xff, peer])
+    fwd = ", ".join([*prior_fwd, f"for={_forwarded_node(peer)};host={_quote(host)};proto={scheme}"])
+    out.append(("X-Forwarded-For", xff))
+    if not (peer_trusted and any(n.lower() == "x-forwarded-proto" for n, _ in out)):
+        out.append(("X-Forwarded-Proto", scheme))
+    if not (peer_trusted and any(n.lower() == "x-forwarded-host" for n, _ in out)):
+        out.append(("X-Forwarded-Host", host))
+    out.append(("Forwarded", fwd))
+    return out
+
+
+def _quote(value: str) -> str:
+    # RFC 7239 §4: a host with ':' (a port or IPv6) must be a quoted-string.
+    if all(c.isalnum() or c in "-._~" for c in value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

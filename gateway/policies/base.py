@@ -1,0 +1,21 @@
+"""The one narrow interface every route policy implements (Envoy's filter chain, small)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from gateway.exchange import Exchange
+
+
+class Policy(Protocol):
+    """A policy is compiled once per route when config loads, then asked once per request.
+
+    ``check`` either returns (the request may go on; it may have added headers to
+    ``exchange.response_headers`` / ``exchange.upstream_headers``) or raises
+    :class:`cityplane.problem.Problem`, which becomes the client's answer.
+    """
+
+    name: ClassVar[str]
+
+    async def check(self, exchange: Exchange) -> None: ...

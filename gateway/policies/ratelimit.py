@@ -1,0 +1,195 @@
+"""Per-route rate limiting: who is counted, what the client is told, what happens without Redis.
+
+The counting itself (sliding window counter) lives in :mod:`gateway.policies.ratelimit_store`;
+why that algorithm: docs/adr/0002-rate-limit-algorithm.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, ClassVar
+
+from cityplane.problem import Problem
+from gateway import metrics
+from gateway.policies.ratelimit_store import (
+    Decision,
+    LocalStore,
+    RateLimitStore,
+    StoreUnavailable,
+)
+
+if TYPE_CHECKING:
+    from cityplane.schema import RateLimit
+    from gateway.exchange import Exchange
+
+__all__ = ["RateLimitPolicy", "rate_limit_key"]
+
+log = logging.getLogger(__name__)
+
+# Header fields of draft-ietf-httpapi-ratelimit-headers-11 (23 May 2026), structured fields
+# (RFC 9651) lists of one item each:
+#   §3   RateLimit-Policy: "default";q=100;w=1    q = quota, w = window in whole seconds
+#   §4   RateLimit: "default";r=42;t=1            r = available quota, t = effective window (s)
+# §3.1.3: "w" is a non-zero Integer with no sub-second precision, so a 250ms window is
+# advertised as w=1: a stricter policy than the real one, which §7.2 allows.
+POLICY_NAME = "default"
+
+# Values a client controls (header values, consumer ids) longer than this are hashed, so a
+# key in Redis or in the local dict never grows with the request.
+MAX_KEY_PART = 128
+
+
+def rate_limit_key(route_id: str, part: str) -> str:
+    """The store key of one bucket: the route, then who is counted (hashed when long)."""
+    if len(part) > MAX_KEY_PART:
+        part = "#" + hashlib.blake2b(part.encode(), digest_size=16).hexdigest()
+    return f"{route_id}|{part}"
+
+
+class _ThrottledWarning:
+    """One log line per ``interval`` at most, however many requests hit the same failure."""
+
+    __slots__ = ("_interval", "_next", "_suppressed")
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._next = 0.0
+        self._suppressed = 0
+
+    def __call__(self, route_id: str, mode: str, error: StoreUnavailable) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._suppressed += 1
+            return
+        self._next = now + self._interval
+        log.warning(
+            "rate-limit store unavailable (%s); route %s decided %s; "
+            "%d more store errors in the last %gs not logged",
+            error,
+            route_id,
+            {"open": "without a limit", "closed": "with 503", "local": "with local counters"}[mode],
+            self._suppressed,
+            self._interval,
+        )
+        self._suppressed = 0
+
+
+_store_warning = _ThrottledWarning(10.0)
+
+
+class RateLimitPolicy:
+    """The ``rateLimit`` block of one route, compiled once when the routing table is built."""
+
+    name: ClassVar[str] = "rate-limit"
+
+    __slots__ = (
+        "_header",
+        "_key",
+        "_limit",
+        "_local",
+        "_mode",
+        "_policy_header",
+        "_rejected",
+        "_route_id",
+        "_store",
+        "_store_errors",
+        "_window",
+    )
+
+    def __init__(
+        self, route_id: str, spec: RateLimit, store: RateLimitStore, *, local: LocalStore
+    ) -> None:
+        self._route_id = route_id
+        self._limit = spec.requests
+        self._window = spec.window
+        self._mode = spec.onStoreError
+        self._store = store
+        self._local = local
+        self._policy_header = (
+            "RateLimit-Policy",
+            f'"{POLICY_NAME}";q={spec.requests};w={max(1, math.ceil(spec.window))}',
+        )
+        self._rejected = metrics.RATELIMIT_REJECTED.labels(route=route_id)
+        self._store_errors = metrics.RATELIMIT_STORE_ERRORS.labels(
+            route=route_id, mode=spec.onStoreError
+        )
+        kind, _, header = spec.key.partition(":")
+        key_of: dict[str, Callable[[Exchange], str]] = {
+            "consumer": self._consumer_key,
+            "ip": self._ip_key,
+            "route": self._route_key,
+            "header": self._header_key,
+        }
+        self._key = key_of[kind]
+        self._header = header
+
+    # --- who is counted ------------------------------------------------------------------
+
+    def _consumer_key(self, exchange: Exchange) -> str:
+        consumer = exchange.consumer
+        if consumer is None:
+            return rate_limit_key(self._route_id, "ip:" + exchange.client_ip)
+        return rate_limit_key(self._route_id, "consumer:" + consumer)
+
+    def _ip_key(self, exchange: Exchange) -> str:
+        return rate_limit_key(self._route_id, "ip:" + exchange.client_ip)
+
+    def _route_key(self, exchange: Exchange) -> str:
+        return rate_limit_key(self._route_id, "route")
+
+    def _header_key(self, exchange: Exchange) -> str:
+        value = exchange.request.headers.get(self._header)
+        if not value:
+            return rate_limit_key(self._route_id, "ip:" + exchange.client_ip)
+        return rate_limit_key(self._route_id, "header:" + value)
+
+    # --- the decision --------------------------------------------------------------------
+
+    async def check(self, exchange: Exchange) -> None:
+        key = self._key(exchange)
+        try:
+            decision = await self._store.hit(key, self._limit, self._window)
+        except StoreUnavailable as error:
+            self._store_errors.inc()
+            metrics.RATELIMIT_DEGRADED.set(1)
+            _store_warning(self._route_id, self._mode, error)
+            if self._mode == "open":
+                exchange.response_headers.append(self._policy_header)
+                return
+            if self._mode == "closed":
+                raise Problem(
+                    503,
+                    "rate-limit-store-unavailable",
+                    "The rate-limit store is unavailable and this route fails closed.",
+                    headers={"Retry-After": "1"},
+                ) from None
+            # Each live replica enforces its share, so together they stay near the limit.
+            replicas = max(1, getattr(self._store, "replicas", 1))
+            decision = await self._local.hit(key, -(-self._limit // replicas), self._window)
+        self._answer(exchange, decision)
+
+    def _answer(self, exchange: Exchange, decision: Decision) -> None:
+        # Retry-After and t agree: draft-ietf-httpapi-ratelimit-headers-11 §6 says Retry-After
+        # SHOULD NOT point earlier than the end of the effective window.
+        seconds = max(1, math.ceil(decision.reset_after))
+        state = ("RateLimit", f'"{POLICY_NAME}";r={decision.remaining};t={seconds}')
+        exchange.response_headers.append(self._policy_header)
+        exchange.response_headers.append(state)
+        if decision.allowed:
+            return
+        self._rejected.inc()
+        raise Problem(
+            429,
+            "rate-limited",
+            f"More than {decision.limit} requests in {self._window:g}s on this route; "
+            f"retry after {seconds}s.",
+            headers={
+                "Retry-After": str(seconds),
+                self._policy_header[0]: self._policy_header[1],
+                state[0]: state[1],
+            },
+        )

@@ -1,0 +1,384 @@
+"""Where rate-limit counters live: in this process, or in Redis shared by every replica.
+
+Both stores implement the same *sliding window counter* (docs/adr/0002-rate-limit-algorithm.md):
+two fixed windows aligned to the epoch, the previous one weighted by the part of it that still
+overlaps a sliding window ending now::
+
+    estimate = previous * (1 - elapsed / window) + current
+    allow iff estimate + 1 <= limit, then current += 1
+
+Time is counted in whole microseconds in both stores so that they agree to the last request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
+
+from gateway import metrics
+
+log = logging.getLogger(__name__)
+
+_US = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """One rate-limit answer.
+
+    ``reset_after`` is, when allowed, the seconds until the current window ends; when refused,
+    the seconds until a request would be allowed again if nothing else arrives.
+    """
+
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_after: float
+
+
+class StoreUnavailable(Exception):
+    """The shared store cannot answer now; the policy's ``onStoreError`` decides what happens."""
+
+
+class RateLimitStore(Protocol):
+    async def hit(self, key: str, limit: int, window: float) -> Decision:
+        """Count one request against ``key``; raises :class:`StoreUnavailable`."""
+        ...
+
+
+def _decide(
+    limit: int, window_us: int, elapsed_us: int, previous: int, current: int
+) -> tuple[bool, int, int]:
+    """The sliding-window-counter rule: (allowed, remaining, microseconds until reset).
+
+    The Lua script in :data:`_HIT_SCRIPT` is this function, line for line.
+    """
+    left_us = window_us - elapsed_us
+    estimate = previous * left_us / window_us + current
+    if estimate + 1 <= limit:
+        return True, max(0, math.floor(limit - estimate - 1)), left_us
+    if current + 1 <= limit:
+        # The previous window's weight must decay until the estimate drops to limit - 1.
+        wait = left_us - (limit - 1 - current) * window_us / previous
+    else:
+        # Wait for the next window, then until this window's count has decayed enough.
+        wait = left_us + max(0.0, 1 - (limit - 1) / current) * window_us
+    return False, 0, max(1, math.ceil(wait))
+
+
+# --- in process ------------------------------------------------------------------------------
+
+
+class _Counter:
+    __slots__ = ("current", "index", "previous", "window_us")
+
+    def __init__(self, window_us: int, index: int) -> None:
+        self.window_us = window_us
+        self.index = index
+        self.current = 0
+        self.previous = 0
+
+
+class LocalStore:
+    """Counters in a dict, for one replica (embedded mode, and ``onStoreError: local``).
+
+    Memory stays bounded by the keys seen in the last two windows: every ``sweep_interval``
+    seconds, or when the dict has doubled since the last sweep, expired counters are dropped.
+    ``max_keys`` is a last-resort cap against key floods within one window: past it the
+    oldest-created counters are evicted (those clients get a fresh count, never a 500).
+    Windows are aligned to the clock's zero (``time.monotonic`` by default, so that wall-clock
+    steps cannot reopen a window).
+    """
+
+    replicas = 1
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sweep_interval: float = 10.0,
+        min_sweep_size: int = 10_000,
+        max_keys: int = 1_000_000,
+    ) -> None:
+        self._clock = clock
+        self._counters: dict[str, _Counter] = {}
+        self._sweep_interval_us = round(sweep_interval * _US)
+        self._min_sweep_size = min_sweep_size
+        self._max_keys = max_keys
+        self._next_sweep_us = round(clock() * _US) + self._sweep_interval_us
+        self._sweep_size = min_sweep_size
+
+    def __len__(self) -> int:
+        return len(self._counters)
+
+    async def hit(self, key: str, limit: int, window: float) -> Decision:
+        now_us = round(self._clock() * _US)
+        window_us = max(1, round(window * _US))
+        index = now_us // window_us
+        counter = self._counters.get(key)
+        if counter is None or counter.window_us != window_us:
+            counter = self._counters[key] = _Counter(window_us, index)
+        elif counter.index != index:
+            if counter.index == index - 1:
+                counter.previous = counter.current
+                counter.current = 0
+                counter.index = index
+            elif counter.index < index:
+                counter.previous = counter.current = 0
+                counter.index = index
+            else:  # the clock went back: keep counting in the newer window
+                index = counter.index
+        if now_us >= self._next_sweep_us or len(self._counters) > self._sweep_size:
+            self._sweep(now_us)
+        allowed, remaining, reset_us = _decide(
+            limit, window_us, now_us - index * window_us, counter.previous, counter.current
+        )
+        if allowed:
+            counter.current += 1
+        return Decision(allowed, limit, remaining, reset_us / _US)
+
+    def sweep(self) -> None:
+        """Drop counters whose two windows are both over; O(keys), run rarely."""
+        self._sweep(round(self._clock() * _US))
+
+    def _sweep(self, now_us: int) -> None:
+        self._counters = {
+            key: c for key, c in self._counters.items() if (c.index + 2) * c.window_us > now_us
+        }
+        overflow = len(self._counters) - self._max_keys
+        if overflow > 0:
+            # dicts keep insertion order: the first keys are the oldest counters.
+            for key in list(self._counters)[:overflow]:
+                del self._counters[key]
+        self._next_sweep_us = now_us + self._sweep_interval_us
+        # Sweep again on size only once the dict has doubled: a flood of live keys must not
+        # turn every hit into an O(n) pass.
+        self._sweep_size = max(self._min_sweep_size, 2 * len(self._counters))
+
+
+# --- in Redis --------------------------------------------------------------------------------
+
+# KEYS[1] counter hash {w: window index, c: current, p: previous}
+# ARGV limit, window (µs). Returns {allowed, remaining, µs until reset}.
+# Server TIME, so that replicas' clocks do not matter; Redis >= 5 replicates the effects.
+_HIT_SCRIPT = """
+local limit = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local index = math.floor(now / window)
+local s = redis.call('HMGET', KEYS[1], 'w', 'c', 'p')
+local w = tonumber(s[1])
+local current = tonumber(s[2]) or 0
+local previous = tonumber(s[3]) or 0
+if w == nil or w < index - 1 then
+  previous = 0
+  current = 0
+elseif w == index - 1 then
+  previous = current
+  current = 0
+elseif w > index then
+  index = w
+end
+local left = window - (now - index * window)
+local estimate = previous * left / window + current
+if estimate + 1 <= limit then
+  redis.call('HSET', KEYS[1], 'w', index, 'c', current + 1, 'p', previous)
+  redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil(2 * window / 1000)))
+  return {1, math.max(0, math.floor(limit - estimate - 1)), left}
+end
+local wait
+if current + 1 <= limit then
+  wait = left - (limit - 1 - current) * window / previous
+else
+  wait = left + math.max(0, 1 - (limit - 1) / current) * window
+end
+return {0, 0, math.max(1, math.ceil(wait))}
+"""
+
+# KEYS[1] members sorted set; ARGV replica id, member ttl (µs). Returns live replicas.
+_HEARTBEAT_SCRIPT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+redis.call('PEXPIRE', KEYS[1], math.ceil(2 * ttl / 1000))
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+class _Script:
+    """EVALSHA, falling back to EVAL (which also caches it) after a restart flushed scripts."""
+
+    __slots__ = ("sha", "source")
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+    async def __call__(self, client: Redis, key: str, *args: Any) -> Any:
+        try:
+            return await client.evalsha(self.sha, 1, key, *args)
+        except NoScriptError:
+            return await client.eval(self.source, 1, key, *args)
+
+
+_HIT = _Script(_HIT_SCRIPT)
+_HEARTBEAT = _Script(_HEARTBEAT_SCRIPT)
+
+
+class RedisStore:
+    """Counters in Redis, shared by every gateway replica: one script, one round trip.
+
+    It sits on the request path, so it fails fast: every call has a ``timeout`` deadline, and
+    after a failure it stops touching Redis (``hit`` raises :class:`StoreUnavailable` at
+    once) while a single background probe PINGs with a back-off of ``backoff`` seconds,
+    doubling up to ``max_backoff``, until Redis answers again.
+
+    ``start()`` also runs a heartbeat that registers this replica in ``<prefix>members`` and
+    keeps :attr:`replicas` (the number of live replicas) for ``onStoreError: local``.
+    Give it a client without retries and with short socket timeouts (see :meth:`from_url`);
+    the deadline caps a client that retries anyway.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "cityplane:rl:",
+        replica_id: str | None = None,
+        timeout: float = 0.1,
+        backoff: float = 1.0,
+        max_backoff: float = 5.0,
+        heartbeat_interval: float = 5.0,
+        member_ttl: float = 15.0,
+    ) -> None:
+        self._redis = redis
+        self._prefix = prefix
+        self._members_key = prefix + "members"
+        self.replica_id = (
+            replica_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        )
+        self._timeout = timeout
+        self._backoff = backoff
+        self._max_backoff = max_backoff
+        self._heartbeat_interval = heartbeat_interval
+        self._member_ttl_us = round(member_ttl * _US)
+        self._owns_client = False
+        self.replicas = 1
+        self.degraded = False
+        self._probe: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_url(cls, url: str, *, timeout: float = 0.1, **options: Any) -> RedisStore:
+        """A store with its own client tuned for the request path (no retries, short timeouts)."""
+        client = Redis.from_url(
+            url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+        store = cls(client, timeout=timeout, **options)
+        store._owns_client = True
+        return store
+
+    async def hit(self, key: str, limit: int, window: float) -> Decision:
+        if self.degraded:
+            raise StoreUnavailable("redis is unreachable; waiting for the probe")
+        window_us = max(1, round(window * _US))
+        try:
+            async with asyncio.timeout(self._timeout):
+                allowed, remaining, reset_us = await _HIT(
+                    self._redis, self._prefix + key, limit, window_us
+                )
+        # Whatever the client raises (connection, timeout, OOM, READONLY, a driver bug), the
+        # request path must get a StoreUnavailable the policy knows how to handle, never a 500.
+        except Exception as exc:
+            self._fail(exc)
+            raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+        return Decision(bool(allowed), limit, int(remaining), int(reset_us) / _US)
+
+    def _fail(self, exc: BaseException) -> None:
+        metrics.RATELIMIT_DEGRADED.set(1)
+        if self.degraded:
+            return
+        self.degraded = True
+        log.debug("rate-limit redis failed, probing in the background: %r", exc)
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(
+                self._recover(), name="ratelimit-redis-probe"
+            )
+
+    async def _recover(self) -> None:
+        delay = self._backoff
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await self._redis.ping()
+            except Exception:  # noqa: BLE001 - any failure means "still down", try later
+                delay = min(delay * 2, self._max_backoff)
+                continue
+            self.degraded = False
+            metrics.RATELIMIT_DEGRADED.set(0)
+            log.info("rate-limit redis is reachable again")
+            return
+
+    async def start(self) -> None:
+        """Register this replica now (so :attr:`replicas` is right at once), then every interval."""
+        await self._beat()
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.get_running_loop().create_task(
+                self._beat_forever(), name="ratelimit-heartbeat"
+            )
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_interval)
+            if not self.degraded:
+                await self._beat()
+
+    async def _beat(self) -> None:
+        try:
+            async with asyncio.timeout(max(self._timeout, 1.0)):
+                count = await _HEARTBEAT(
+                    self._redis, self._members_key, self.replica_id, self._member_ttl_us
+                )
+        except Exception as exc:  # noqa: BLE001 - keep the last known count while Redis is down
+            log.debug("rate-limit heartbeat failed: %r", exc)
+            return
+        self.replicas = max(1, int(count))
+
+    async def close(self) -> None:
+        """Stop the background tasks and leave the membership set."""
+        for task in (self._heartbeat, self._probe):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._heartbeat = self._probe = None
+        if not self.degraded:
+            try:
+                async with asyncio.timeout(max(self._timeout, 1.0)):
+                    await self._redis.zrem(self._members_key, self.replica_id)
+            except Exception as exc:  # noqa: BLE001 - the member expires after member_ttl anyway
+                log.debug("rate-limit membership removal failed: %r", exc)
+        if self._owns_client:
+            await self._redis.aclose()

@@ -1,0 +1,434 @@
+"""The gateway's request path on aiohttp's low-level server.
+
+aiohttp's `web.Application` (router, middlewares, signals) is bypassed on purpose: routing is
+ours (`RoutingTable`), and measured on this machine the application layer costs a quarter of
+the throughput (docs/adr/0001-layout-and-server.md). The server still gives us aiohttp's HTTP
+parser with its protections (request smuggling checks, header limits, pipelining).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from random import getrandbits
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import ClientSession, DummyCookieJar, WSMsgType, web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_server import Server
+
+from cityplane.problem import PROBLEM_CONTENT_TYPE, Problem
+from gateway import metrics
+from gateway.exchange import Exchange
+from gateway.forwarding import RESPONSE_DROP, TrustedProxies, client_address, upstream_headers
+from gateway.paths import normalize_path, split_target
+from gateway.routing import CompiledRoute, MethodNotAllowed, RoutingTable
+from gateway.tracing import Tracing, continue_trace
+
+if TYPE_CHECKING:
+    from gateway.accesslog import AccessLog
+
+log = logging.getLogger("cityplane.gateway")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Bodies up to this size are read whole: cheap, and replayable for retries.
+SMALL_BODY = 64 * 1024
+_NO_ROUTE = ("-", "-")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class GatewayLimits:
+    __slots__ = ("max_body", "max_field_size", "max_headers", "max_line_size")
+
+    def __init__(
+        self,
+        *,
+        max_body: int = 10 * 1024 * 1024,
+        max_line_size: int = 8190,
+        max_field_size: int = 8190,
+        max_headers: int = 100,
+    ) -> None:
+        self.max_body = max_body
+        self.max_line_size = max_line_size
+        self.max_field_size = max_field_size
+        self.max_headers = max_headers
+
+
+def problem_response(problem: Problem, request_id: str | None = None) -> web.Response:
+    headers = dict(problem.headers)
+    if request_id:
+        headers["X-Request-Id"] = request_id
+    return web.Response(
+        status=problem.status,
+        body=problem.body(),
+        content_type=PROBLEM_CONTENT_TYPE,
+        headers=headers,
+    )
+
+
+class _ProblemRequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering its own parse errors as problem+json."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        if isinstance(exc, LineTooLong):
+            text = str(exc).lower()
+            if "status line" in text or "request line" in text:
+                problem = Problem(414, "uri-too-long", "the request line is too long")
+            else:
+                problem = Problem(431, "headers-too-large", "a request header is too large")
+        elif isinstance(exc, BadHttpMessage):
+            text = str(getattr(exc, "message", exc))
+            if "too many headers" in text.lower():
+                problem = Problem(431, "headers-too-large", "too many request headers")
+            else:
+                problem = Problem(400, "bad-request", "malformed HTTP request")
+        elif status >= 500:
+            log.error("unhandled error in request handling", exc_info=exc)
+            problem = Problem(status, "internal-error", "the gateway failed to handle this request")
+        else:
+            problem = Problem(status, "bad-request", message or None)
+        resp = problem_response(problem)
+        resp.force_close()
+        return resp
+
+
+class GatewayServer(Server):
+    def __call__(self) -> RequestHandler:
+        return _ProblemRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class RequestPath:
+    """Handles one proxied request from routing to the last byte of the response."""
+
+    def __init__(
+        self,
+        *,
+        table: RoutingTable,
+        trusted: TrustedProxies,
+        limits: GatewayLimits,
+        access_log: AccessLog | None,
+        tracing: Tracing,
+    ) -> None:
+        self.table = table  # swapped atomically on reload; read once per request
+        self.trusted = trusted
+        self.limits = limits
+        self.access_log = access_log
+        self.tracing = tracing
+        self._ws_session: ClientSession | None = None
+        self._loop = asyncio.get_running_loop()
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._durations: dict[tuple[str, str], Any] = {}
+        self.in_flight = 0
+
+    async def close(self) -> None:
+        if self._ws_session is not None:
+            await self._ws_session.close()
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _observe(
+        self,
+        request: BaseRequest,
+        route: CompiledRoute | None,
+        status: int,
+        start: float,
+        request_id: str,
+        client_ip: str,
+        upstream: str | None,
+    ) -> None:
+        key = (route.service, route.name) if route is not None else _NO_ROUTE
+        ckey = (key[0], key[1], status)
+        counter = self._counters.get(ckey)
+        if counter is None:
+            counter = self._counters[ckey] = metrics.REQUESTS.labels(key[0], key[1], str(status))
+        counter.inc()
+        elapsed = self._loop.time() - start
+        hist = self._durations.get(key)
+        if hist is None:
+            hist = self._durations[key] = metrics.REQUEST_DURATION.labels(*key)
+        hist.observe(elapsed)
+        if self.access_log is not None:
+            self.access_log.record(
+                {
+                    "ts": round(time.time(), 3),
+                    "request_id": request_id,
+                    "client": client_ip,
+                    "method": request.method,
+                    "path": request.raw_path,
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "service": key[0],
+                    "route": key[1],
+                    "upstream": upstream,
+                }
+            )
+
+    # -- the request path -------------------------------------------------------------------------
+
+    async def __call__(self, request: BaseRequest) -> web.StreamResponse:
+        start = self._loop.time()
+        self.in_flight += 1
+        peername = request.transport.get_extra_info("peername") if request.transport else None
+        peer = peername[0] if peername else "0.0.0.0"
+        trusted = self.trusted.trusts(peer) if self.trusted else False
+        client_ip = (
+            client_address(peer, request.headers.get("X-Forwarded-For"), self.trusted)
+            if trusted
+            else peer
+        )
+        incoming_id = request.headers.get("X-Request-Id")
+        request_id = (
+            incoming_id
+            if incoming_id and _REQUEST_ID.match(incoming_id)
+            else f"{getrandbits(128):032x}"
+        )
+        route: CompiledRoute | None = None
+        ex: Exchange | None = None
+        status = 500
+        upstream_url: str | None = None
+        try:
+            path_raw, query = split_target(request.raw_path)
+            path = normalize_path(path_raw)
+            found = self.table.match(request.host, path, request.method)
+            if found is None:
+                raise Problem(404, "no-route", f"no route matches {request.method} {path}")
+            if isinstance(found, MethodNotAllowed):
+                raise Problem(
+                    405,
+                    "method-not-allowed",
+                    f"{request.method} is not allowed on {path}",
+                    headers={"Allow": found.allowed},
+                )
+            route = found
+            if route.lifecycle == "retired":
+                raise Problem(410, "api-retired", f"{route.service!r} has been retired")
+            length = request.content_length
+            if length is not None and length > self.limits.max_body:
+                raise Problem(
+                    413, "body-too-large", f"the body is larger than {self.limits.max_body} bytes"
+                )
+            ex = Exchange(
+                request,
+                client_ip=client_ip,
+                path=path,
+                route_id=route.route_id,
+                request_id=request_id,
+                start=start,
+            )
+            for policy in route.policies:
+                await policy.check(ex)
+            if request.headers.get("Upgrade", "").lower() == "websocket":
+                resp, upstream_url = await self._websocket(request, route, ex, path, query)
+            else:
+                resp, upstream_url = await self._proxy(request, route, ex, path, query, trusted)
+            status = resp.status
+            return resp
+        except Problem as problem:
+            status = problem.status
+            resp = problem_response(problem, request_id)
+            if route is not None:
+                for name, value in route.response_headers:
+                    resp.headers[name] = value
+            if ex is not None and problem.status in (429, 503):
+                for name, value in ex.response_headers:
+                    resp.headers.setdefault(name, value)
+            return resp
+        except (ConnectionResetError, asyncio.CancelledError):
+            status = 499  # client went away (nginx's convention)
+            raise
+        finally:
+            self.in_flight -= 1
+            self._observe(request, route, status, start, request_id, client_ip, upstream_url)
+
+    async def _request_body(
+        self, request: BaseRequest
+    ) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
+        if not request.body_exists:
+            return None, None
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        length = request.content_length
+        if length is not None and length <= SMALL_BODY:
+            return await request.read(), length
+        return self._stream_body(request), length
+
+    async def _stream_body(self, request: BaseRequest) -> AsyncIterator[bytes]:
+        limit = self.limits.max_body
+        seen = 0
+        async for chunk in request.content.iter_any():
+            seen += len(chunk)
+            if seen > limit:
+                raise BodyTooLarge()
+            yield chunk
+
+    async def _proxy(
+        self,
+        request: BaseRequest,
+        route: CompiledRoute,
+        ex: Exchange,
+        path: str,
+        query: str,
+        trusted: bool,
+    ) -> tuple[web.StreamResponse, str]:
+        peername = request.transport.get_extra_info("peername") if request.transport else None
+        headers = upstream_headers(
+            request.raw_headers,
+            peer=peername[0] if peername else "0.0.0.0",
+            peer_trusted=trusted,
+            scheme=request.scheme,
+            host=request.host,
+        )
+        _trace_id, traceparent = continue_trace(request.headers.get("traceparent"))
+        span = None
+        if self.tracing.enabled:
+            span = self.tracing.server_span(
+                request.method, route.route_id, request.headers.get("traceparent")
+            )
+            client_span, traceparent = self.tracing.client_span(
+                span, request.method, route.service + route.upstream_path(path)
+            )
+        headers.append(("X-Request-Id", ex.request_id))
+        headers.append(("traceparent", traceparent))
+        headers.extend(ex.upstream_headers)
+        body, length = await self._request_body(request)
+        cluster = route.cluster
+        try:
+            up, target = await cluster.send(
+                request.method,
+                route.upstream_path(path) + query,
+                headers,
+                body,
+                request_headers=request.headers,
+                client_ip=ex.client_ip,
+                content_length=length,
+            )
+        except BodyTooLarge:
+            raise Problem(
+                413, "body-too-large", f"the body is larger than {self.limits.max_body} bytes"
+            ) from None
+        finally:
+            if span is not None:
+                client_span.end()
+        try:
+            resp = web.StreamResponse(status=up.status, reason=up.reason or None)
+            out = resp.headers
+            for name, value in up.headers:
+                if name.lower() not in RESPONSE_DROP:
+                    out.add(name, value)
+            out["X-Request-Id"] = ex.request_id
+            for name, value in route.response_headers:
+                out[name] = value
+            for name, value in ex.response_headers:
+                out[name] = value
+            if up.content_length is not None:
+                resp.content_length = up.content_length
+            if span is not None:
+                span.set_attribute("http.response.status_code", up.status)
+            if request.method == "HEAD" or up.status in (204, 304):
+                await resp.prepare(request)
+                await resp.write_eof()
+                return resp, target.url
+            if up.content_length is not None and up.content_length <= SMALL_BODY:
+                data = await up.read()
+                await resp.prepare(request)
+                await resp.write_eof(data)
+                return resp, target.url
+            await resp.prepare(request)
+            async for chunk in up.iter_chunks():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp, target.url
+        finally:
+            up.release()
+            if span is not None:
+                span.end()
+
+    async def _websocket(
+        self,
+        request: BaseRequest,
+        route: CompiledRoute,
+        ex: Exchange,
+        path: str,
+        query: str,
+    ) -> tuple[web.StreamResponse, str]:
+        """Relay a WebSocket message by message between client and one upstream target."""
+        cluster = route.cluster
+        target = cluster.balancer.pick(None, None)
+        if target is None:
+            raise Problem(503, "no-healthy-upstream", "no healthy upstream for this WebSocket")
+        scheme = "wss" if target.scheme == "https" else "ws"
+        url = f"{scheme}://{target.host}:{target.port}{route.upstream_path(path)}{query}"
+        if self._ws_session is None:
+            # One session for all relays, with no cookie jar: clients never share cookies.
+            self._ws_session = ClientSession(cookie_jar=DummyCookieJar())
+        protocols = [
+            p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p
+        ]
+        forward = {"X-Request-Id": ex.request_id, "X-Forwarded-For": ex.client_ip}
+        forward.update(dict(ex.upstream_headers))
+        try:
+            upstream = await self._ws_session.ws_connect(
+                url,
+                protocols=protocols,
+                headers=forward,
+                timeout=cluster.request_timeout,  # type: ignore[arg-type]
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure to open is the upstream's
+            log.info("websocket upstream %s failed: %s", url, exc)
+            raise Problem(502, "upstream-unavailable", "the WebSocket upstream refused") from None
+        client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else ())
+        for name, value in ex.response_headers:
+            client.headers[name] = value
+        await client.prepare(request)
+
+        async def pump(src: Any, dst: Any) -> None:
+            async for msg in src:
+                if msg.type == WSMsgType.TEXT:
+                    await dst.send_str(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    await dst.send_bytes(msg.data)
+                else:
+                    break
+            await dst.close()
+
+        tasks = [
+            asyncio.ensure_future(pump(client, upstream)),
+            asyncio.ensure_future(pump(upstream, client)),
+        ]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await upstream.close()
+            await client.close()
+        return client, target.url
+
+
+def make_server(handler: RequestPath, limits: GatewayLimits) -> GatewayServer:
+    return GatewayServer(
+        handler,
+        max_line_size=limits.max_line_size,
+        max_field_size=limits.max_field_size,
+        max_headers=limits.max_headers,
+        access_log=None,
+    )
+
+
