@@ -131,7 +131,7 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
 def _check_config(settings: Any) -> None:
     """Validate config before binding anything, so errors are one line and exit 3."""
     from cityplane.documents import DocumentError, load_documents
-    from gateway.compiler import ConfigError, Compiler, PolicyContext
+    from gateway.compiler import Compiler, ConfigError, PolicyContext
     from gateway.policies.ratelimit_store import LocalStore
 
     try:

@@ -183,18 +183,26 @@ async def _demo(args: argparse.Namespace) -> None:
     base = f"http://{args.host}:{gateway.port}"
     status = f"http://{args.host}:{gateway.status_port}"
     tries = [
-        {"what": "a routed call, balanced over two bus-times instances",
-         "curl": f"curl -i {base}/bus/stops/1024/arrivals"},
-        {"what": "a rate-limited call: 5 per 10 s per client IP, the 6th gets 429",
-         "curl": f"for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}}\\n' "
-                 f"{base}/bus/stops/1024/arrivals; done"},
-        {"what": "a breaker trip: the archive is down; after 3 failures (502) the breaker "
-                 "answers 503 at once",
-         "curl": f"for i in 1 2 3 4 5; do curl -s -o /dev/null -w '%{{http_code}}\\n' "
-                 f"{base}/archive/records/1; done"},
-        {"what": "a deprecated API: served with Deprecation and Sunset headers",
-         "curl": f"curl -i -X POST -H 'Content-Type: application/json' -d '{{\"site\": \"Lot 9\"}}' "
-                 f"{base}/permits"},
+        {
+            "what": "a routed call, balanced over two bus-times instances",
+            "curl": f"curl -i {base}/bus/stops/1024/arrivals",
+        },
+        {
+            "what": "a rate-limited call: 5 per 10 s per client IP, the 6th gets 429",
+            "curl": f"for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}}\\n' "
+            f"{base}/bus/stops/1024/arrivals; done",
+        },
+        {
+            "what": "a breaker trip: the archive is down; after 3 failures (502) the breaker "
+            "answers 503 at once",
+            "curl": f"for i in 1 2 3 4 5; do curl -s -o /dev/null -w '%{{http_code}}\\n' "
+            f"{base}/archive/records/1; done",
+        },
+        {
+            "what": "a deprecated API: served with Deprecation and Sunset headers",
+            "curl": "curl -i -X POST -H 'Content-Type: application/json' "
+            f'-d \'{{"site": "Lot 9"}}\' {base}/permits',
+        },
         {"what": "metrics", "curl": f"curl -s {status}/metrics | grep cityplane_gateway"},
     ]
     demo = {

@@ -245,7 +245,7 @@ class ServiceSpec(Strict):
 
 
 class CityService(Strict):
-    apiVersion: Literal["cityplane.io/v1alpha1"] = API_VERSION
+    apiVersion: Literal["cityplane.io/v1alpha1"] = "cityplane.io/v1alpha1"
     kind: Literal["CityService"] = "CityService"
     metadata: Metadata
     spec: ServiceSpec

@@ -8,6 +8,7 @@ blocks or fails, lines are dropped and counted rather than stalling requests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -47,10 +48,8 @@ class AccessLog:
 
     async def _run(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
-            except TimeoutError:
-                pass
             self._wake.clear()
             self.flush()
 

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cityplane.gateway")
 
+# aiohttp reports the offending URL (request line) or header value; URLs start with "/".
+_REQUEST_LINE = re.compile(rb"^([A-Z]+ |/|[a-z]+://)")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Bodies up to this size are read whole: cheap, and replayable for retries.
 SMALL_BODY = 64 * 1024
@@ -64,6 +66,7 @@ class GatewayLimits:
 
 def problem_response(problem: Problem, request_id: str | None = None) -> web.Response:
     headers = dict(problem.headers)
+    headers.setdefault("Server", "cityplane")
     if request_id:
         headers["X-Request-Id"] = request_id
     return web.Response(
@@ -87,8 +90,9 @@ class _ProblemRequestHandler(RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
         if isinstance(exc, LineTooLong):
-            text = str(exc).lower()
-            if "status line" in text or "request line" in text:
+            line = exc.args[0] if exc.args else b""
+            line = bytes(line) if isinstance(line, bytes | bytearray) else str(line).encode()
+            if _REQUEST_LINE.match(line):
                 problem = Problem(414, "uri-too-long", "the request line is too long")
             else:
                 problem = Problem(431, "headers-too-large", "a request header is too large")
@@ -383,12 +387,10 @@ class RequestPath:
         forward = {"X-Request-Id": ex.request_id, "X-Forwarded-For": ex.client_ip}
         forward.update(dict(ex.upstream_headers))
         try:
-            upstream = await self._ws_session.ws_connect(
-                url,
-                protocols=protocols,
-                headers=forward,
-                timeout=cluster.request_timeout,  # type: ignore[arg-type]
-            )
+            async with asyncio.timeout(cluster.request_timeout):
+                upstream = await self._ws_session.ws_connect(
+                    url, protocols=protocols, headers=forward
+                )
         except Exception as exc:  # noqa: BLE001 - any failure to open is the upstream's
             log.info("websocket upstream %s failed: %s", url, exc)
             raise Problem(502, "upstream-unavailable", "the WebSocket upstream refused") from None
@@ -430,5 +432,3 @@ def make_server(handler: RequestPath, limits: GatewayLimits) -> GatewayServer:
         max_headers=limits.max_headers,
         access_log=None,
     )
-
-

@@ -69,26 +69,32 @@ def run_workers(settings: Any, count: int) -> int:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: [os.kill(p, signal.SIGHUP) for p in list(children)]
-        )
+
+        def forward_hup() -> None:
+            for pid in list(children):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
+
+        loop.add_signal_handler(signal.SIGHUP, forward_hup)
         runner = web.AppRunner(status_app(sup), access_log=None)
         await runner.setup()
         if settings.status_port is not None:
-            await web.TCPSite(runner, settings.status_host or settings.host, settings.status_port).start()
+            await web.TCPSite(
+                runner, settings.status_host or settings.host, settings.status_port
+            ).start()
         log.info("gateway supervisor: %d workers on %s:%d", count, settings.host, settings.port)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
             while True:
                 try:
-                    pid, status = os.waitpid(-1, os.WNOHANG)
+                    pid, status = os.waitpid(-1, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG: no wait
                 except ChildProcessError:
                     break
                 if pid == 0:
                     break
                 slot = children.pop(pid, None)
-                multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+                multiprocess.mark_process_dead(pid)
                 if slot is not None and not stop.is_set():
                     log.warning("worker %d exited (%d); restarting", pid, status)
                     spawn(slot)
@@ -100,7 +106,7 @@ def run_workers(settings: Any, count: int) -> int:
         deadline = loop.time() + settings.drain_timeout + 5
         while children and loop.time() < deadline:
             try:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
+                pid, _ = os.waitpid(-1, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG: no wait
             except ChildProcessError:
                 break
             if pid == 0:

@@ -178,22 +178,34 @@ class LeastRequest:
         now = time.monotonic()
         if self._scan_only:
             return self._scan(now, exclude)
-        first = self._draw(now, exclude)
-        if first is None:
-            return self._scan(now, exclude)
-        second = self._draw(now, exclude)
-        if second is None or second is first:
+        drawable, cumulative, total = self._drawable, self._cumulative, self._total
+        rand = self._rand
+        first = drawable[bisect_right(cumulative, rand() * total)]
+        if first is exclude or not first.available(now):
+            redrawn = self._redraw(now, exclude)
+            if redrawn is None:
+                return self._scan(now, exclude)
+            first = redrawn
+        second = drawable[bisect_right(cumulative, rand() * total)]
+        if second is exclude or not second.available(now):
+            redrawn = self._redraw(now, exclude)
+            if redrawn is None:
+                return first
+            second = redrawn
+        if second is first:
             return first
         # first.load / first.weight <= second.load / second.weight, without division.
-        if first.load * second.weight <= second.load * first.weight:
+        if (
+            first.load_source.in_flight * second.weight
+            <= second.load_source.in_flight * first.weight
+        ):
             return first
         return second
 
-    def _draw(self, now: float, exclude: TargetState | None) -> TargetState | None:
+    def _redraw(self, now: float, exclude: TargetState | None) -> TargetState | None:
         drawable, cumulative, total = self._drawable, self._cumulative, self._total
-        rand = self._rand
         for _ in range(_SAMPLE_ATTEMPTS):
-            target = drawable[bisect_right(cumulative, rand() * total)]
+            target = drawable[bisect_right(cumulative, self._rand() * total)]
             if target is not exclude and target.available(now):
                 return target
         return None
@@ -211,7 +223,10 @@ class LeastRequest:
             target = targets[index if index < count else index - count]
             if target is exclude or not target.available(now):
                 continue
-            if best is None or target.load * best.weight < best.load * target.weight:
+            if best is None or (
+                target.load_source.in_flight * best.weight
+                < best.load_source.in_flight * target.weight
+            ):
                 best = target
         if best is None and exclude is not None and exclude.available(now):
             return exclude
@@ -273,7 +288,7 @@ class ConsistentHash:
         self, hash_key: str | None = None, exclude: TargetState | None = None
     ) -> TargetState | None:
         now = time.monotonic()
-        points, owners = self._points, self._owners
+        points = self._points
         size = len(points)
         if not size:
             return None
@@ -283,15 +298,22 @@ class ConsistentHash:
             index = bisect_left(points, _hash64(hash_key))
             if index == size:
                 index = 0
-        for step in range(size):
+        target = self._owners[index]
+        if target is not exclude and target.available(now):
+            return target
+        return self._walk(now, index, exclude)
+
+    def _walk(self, now: float, index: int, exclude: TargetState | None) -> TargetState | None:
+        """Clockwise from ``index`` to the first point of an available target."""
+        owners = self._owners
+        size = len(owners)
+        for step in range(1, size):
+            index = index + 1 if index + 1 < size else 0
             target = owners[index]
             if target is not exclude and target.available(now):
                 return target
             if step == _WALK_BEFORE_CHECK and not self._any_available(now, exclude):
                 break  # everything is down: do not walk the whole ring to find that out
-            index += 1
-            if index == size:
-                index = 0
         if exclude is not None and exclude.available(now):
             return exclude
         return None

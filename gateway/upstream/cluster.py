@@ -45,11 +45,14 @@ class UpstreamCluster:
         self.targets: list[TargetState] = []
         # Per target: the URL's base path (prepended to every request) and the Host header.
         self._meta: dict[int, tuple[str, str]] = {}
+        self._pools: dict[int, HostPool] = {}
         for t in spec.targets:
             target = TargetState(service, t.url, t.weight)
-            target.pool = HostPool(
+            pool = HostPool(
                 target.scheme, target.host, target.port, connect_timeout=spec.timeouts.connect
             )
+            target.pool = pool
+            self._pools[id(target)] = pool
             parts = urlsplit(t.url)
             self._meta[id(target)] = (parts.path.rstrip("/"), parts.netloc)
             self.targets.append(target)
@@ -62,7 +65,7 @@ class UpstreamCluster:
             if spec.circuitBreaker
             else None
         )
-        self.passive = PassiveHealth(service, spec.healthCheck)
+        self.passive = PassiveHealth(service, spec.healthCheck, targets=self.targets)
         hc = spec.healthCheck
         self.active = (
             ActiveHealthChecker(service, self.targets, hc, self._probe)
@@ -90,14 +93,11 @@ class UpstreamCluster:
     async def close(self) -> None:
         if self.active is not None:
             await self.active.close()
-        for target in self.targets:
-            pool = target.pool
-            if isinstance(pool, HostPool):
-                await pool.close()
+        for pool in self._pools.values():
+            await pool.close()
 
-    async def _probe(self, target: TargetState, path: str, timeout: float) -> bool:
-        pool = target.pool
-        assert isinstance(pool, HostPool)
+    async def _probe(self, target: TargetState, path: str, timeout: float) -> bool:  # noqa: ASYNC109
+        pool = self._pools[id(target)]
         base, host = self._meta[id(target)]
         headers = [("Host", host), ("User-Agent", "cityplane-health/1")]
         resp = await pool.request("GET", base + path, headers, None, timeout=timeout)
@@ -157,7 +157,7 @@ class UpstreamCluster:
                 base, host = self._meta[id(target)]
                 target.in_flight += 1
                 try:
-                    resp = await target.pool.request(  # type: ignore[union-attr]
+                    resp = await self._pools[id(target)].request(
                         method,
                         base + target_path,
                         [("Host", host), *headers],
@@ -200,11 +200,7 @@ class UpstreamCluster:
                         permit.failure()
                     self.passive.record(target, False)
                     self._errors["status_5xx"].inc()
-                    if (
-                        not last
-                        and resp.status in RETRYABLE_STATUS
-                        and self._retry_allowed()
-                    ):
+                    if not last and resp.status in RETRYABLE_STATUS and self._retry_allowed():
                         resp.release()
                         exclude = target
                         self._retries.inc()

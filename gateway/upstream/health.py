@@ -10,8 +10,9 @@ Two independent signals, as in Envoy, both written onto the shared :class:`Targe
   attempt; ``passiveFailures`` consecutive failures eject the target for ``ejectionTime``.
 
 ``cityplane_gateway_upstream_target_healthy{service,target}`` follows both: 1 while the target
-is healthy and not ejected, 0 otherwise. A weight-0 target that is healthy shows 1: it is
-drained by configuration, not failing, and alerts on this gauge should not fire for it.
+is healthy and not ejected, 0 otherwise; set when active checks start (or when a
+``PassiveHealth`` is given the targets) and on every change after. A healthy weight-0 target
+shows 1: it is drained by configuration, not failing, and alerts on the gauge should not fire.
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ class PassiveHealth:
         self._threshold = spec.passiveFailures
         self._ejection_time = spec.ejectionTime
         self._peers: dict[TargetState, None] = dict.fromkeys(targets)  # an ordered set
+        now = time.monotonic()
+        for target in targets:
+            _publish(target, now)
 
     def record(self, target: TargetState, ok: bool) -> None:
         """Report one real attempt's outcome (called by the core after every attempt)."""
@@ -159,6 +163,9 @@ class ActiveHealthChecker:
 
     async def start(self) -> None:
         if self._task is None and self._spec.active and self.targets:
+            now = time.monotonic()
+            for target in self.targets:
+                _publish(target, now)
             self._task = asyncio.create_task(self._run(), name=f"health-check {self.service}")
 
     async def close(self) -> None:

@@ -22,12 +22,12 @@ class TargetState:
     """
 
     __slots__ = (
-        "_load_source",
         "_pool",
         "ejected_until",
         "healthy",
         "host",
         "in_flight",
+        "load_source",
         "passive_failures",
         "port",
         "probe_failures",
@@ -55,7 +55,9 @@ class TargetState:
         self.passive_failures = 0
         self.probe_successes = 0
         self.probe_failures = 0
-        self._load_source: _CountsInFlight = self
+        # What counts this target's requests in flight: the pool when it keeps a count, else
+        # the target itself. Least-request reads ``load_source.in_flight`` on every pick.
+        self.load_source: _CountsInFlight = self
         self.pool = pool
 
     @property
@@ -68,12 +70,12 @@ class TargetState:
         self._pool = pool
         # Decided once here, not per pick: read the pool's count when it keeps one.
         counts = pool is not None and hasattr(pool, "in_flight")
-        self._load_source = cast(_CountsInFlight, pool) if counts else self
+        self.load_source = cast(_CountsInFlight, pool) if counts else self
 
     @property
     def load(self) -> int:
         """Requests in flight to this target (the pool's count when it has one)."""
-        return self._load_source.in_flight
+        return self.load_source.in_flight
 
     def available(self, now: float) -> bool:
         """Whether the balancer may send a request here at ``now`` (``time.monotonic()``)."""

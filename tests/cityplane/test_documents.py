@@ -40,7 +40,7 @@ def test_unknown_field_is_named_with_file_and_line() -> None:
     text = GOOD.replace("      stripPrefix: true\n", "      stripPrefix: true\n      colour: red\n")
     with pytest.raises(DocumentError) as err:
         parse_documents(text, "bus.yaml")
-    assert str(err.value) == "bus.yaml:20: spec.routes.0.colour: unknown field"
+    assert str(err.value) == "bus.yaml:18: spec.routes.0.colour: unknown field"
 
 
 def test_bad_value_names_field_and_line() -> None:

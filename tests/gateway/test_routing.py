@@ -76,7 +76,7 @@ def test_no_route_is_none() -> None:
 
 
 def test_conflicting_routes_are_refused_with_both_names() -> None:
-    with pytest.raises(RoutingConflict, match="a/one.*b/two"):
+    with pytest.raises(RoutingConflict, match=r"a/one.*b/two"):
         RoutingTable([route("one", "/bus", svc="a"), route("two", "/bus", svc="b")])
     with pytest.raises(RoutingConflict):
         RoutingTable(

@@ -1,0 +1,680 @@
+"""One upstream HTTP/1.1 connection: an asyncio Protocol driving ``httptools.HttpResponseParser``.
+
+A connection carries one exchange at a time (no pipelining). The request path allocates one
+future for the response head, one ``loop.call_at`` handle for the timeout and the
+:class:`UpstreamResponse`; small bodies usually arrive in the same ``data_received`` as the head
+and are read without another wake-up. See docs/adr/0004-upstream-client.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Protocol, cast
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+__all__ = [
+    "Http1Connection",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamProtocolError",
+    "UpstreamResponse",
+    "UpstreamTimeout",
+]
+
+# Read backpressure: stop reading the socket once this much body is buffered and not yet taken
+# by the consumer; resume when the consumer has drained it.
+READ_HIGH_WATER = 256 * 1024
+# A response head (status line + fields, 1xx interim heads included) larger than this is
+# refused: llhttp itself has no limit and the fields are kept in memory.
+MAX_RESPONSE_HEAD = 64 * 1024
+# Bytes bodies up to this size are sent in the same write() as the head (one copy, one syscall).
+_COALESCE_BODY = 16 * 1024
+
+# Exchange phases.
+_IDLE = 0  # no request on the connection
+_AWAIT_HEAD = 1  # request being sent / response head not complete yet
+_BODY = 2  # response head complete, body still arriving
+_DONE = 3  # response complete, waiting for release()
+
+_CRLF2 = b"\r\n\r\n"
+
+
+class UpstreamError(Exception):
+    """The upstream exchange failed. ``request_sent`` is False only when no byte of the request
+    can have reached the upstream, which makes a retry always safe."""
+
+    def __init__(self, message: str, *, request_sent: bool) -> None:
+        super().__init__(message)
+        self.request_sent = request_sent
+
+
+class UpstreamConnectError(UpstreamError):
+    """Refused, unreachable, DNS failure, TLS handshake failure or connect timeout."""
+
+    def __init__(self, message: str, *, request_sent: bool = False) -> None:
+        super().__init__(message, request_sent=request_sent)
+
+
+class UpstreamTimeout(UpstreamError):
+    """No complete response head within ``timeout``, or a body read idle for longer."""
+
+
+class UpstreamProtocolError(UpstreamError):
+    """Malformed response, or the connection closed before the response was complete."""
+
+
+class ConnectionOwner(Protocol):
+    """What a connection tells its pool (implemented by ``HostPool``)."""
+
+    def _connection_released(self, conn: Http1Connection, reusable: bool) -> None: ...
+
+    def _idle_connection_lost(self, conn: Http1Connection) -> None: ...
+
+
+class UpstreamResponse:
+    """A response head plus a handle on its body. Call :meth:`release` in ``finally``."""
+
+    __slots__ = (
+        "_conn",
+        "chunked",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "reason",
+        "status",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        headers: list[tuple[str, str]],
+        content_length: int | None,
+        chunked: bool,
+        keep_alive: bool,
+        conn: Http1Connection,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        # As received, latin-1 decoded, hop-by-hop fields included: the caller filters.
+        self.headers = headers
+        # The Content-Length field's value; HEAD, 204 and 304 responses have no body regardless.
+        self.content_length = content_length
+        self.chunked = chunked
+        self.keep_alive = keep_alive
+        self._conn: Http1Connection | None = conn
+
+    def __repr__(self) -> str:
+        return f"<UpstreamResponse {self.status} {self.reason!r}>"
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Yield the body as it arrives; the socket is paused while the consumer lags behind."""
+        while True:
+            conn = self._conn
+            if conn is None:
+                raise RuntimeError("response body read after release()")
+            data = conn._take_body()
+            if data is not None:
+                yield data
+            elif conn._phase == _DONE:
+                return
+            elif conn._exc is not None:
+                raise conn._exc
+            else:
+                await conn._wait_body()
+
+    async def read(self) -> bytes:
+        """The whole body, for small bodies: it is held in memory."""
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("response body read after release()")
+        if conn._phase == _DONE:  # the usual case: the body came with the head
+            return conn._take_body() or b""
+        return b"".join([chunk async for chunk in self.iter_chunks()])
+
+    def release(self) -> None:
+        """Give the connection back: to the pool if the body is complete and the upstream keeps
+        the connection alive, else it is closed. Idempotent."""
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn._release()
+
+
+class Http1Connection(asyncio.Protocol):
+    """One keep-alive connection to an upstream; used by one request at a time."""
+
+    def __init__(self, owner: ConnectionOwner, loop: asyncio.AbstractEventLoop) -> None:
+        self._owner = owner
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._parser = HttpResponseParser(self)
+        self._lost = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._read_paused = False
+        self._phase = _IDLE
+        self._timer: asyncio.TimerHandle | None = None
+        self._timeout = 0.0
+        self._exc: UpstreamError | None = None
+        self._response: UpstreamResponse | None = None
+        self._head_waiter: asyncio.Future[None] | None = None
+        self._body_waiter: asyncio.Future[None] | None = None
+        self._wait_since = 0.0
+        self._sending_task: asyncio.Task[object] | None = None
+        self._cancel_pending = False
+        self._is_head = False
+        self._crlf_tail = b""
+        self._head_bytes = 0  # bytes received while the head is incomplete
+        self._field_bytes = 0  # size of the header fields received (1xx included)
+        self._until_eof = False
+        self._reusable = True
+        self._request_sent = False
+        self._response_started = False
+        self._write_failed = False
+        self._writing = False
+        self._body_started = False
+        self._headers: list[tuple[str, str]] = []
+        self._reason = b""
+        self._content_length: int | None = None
+        self._chunked = False
+        self._conn_tokens = b""
+        # Pool bookkeeping (read and written by HostPool).
+        self.idle_since = 0.0
+        self.in_pool = False
+        self.reused = False
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Request heads are small writes answered by the peer: Nagle would add latency.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if self.in_pool:
+            self._owner._idle_connection_lost(self)
+            return
+        if self._writing:
+            self._write_failed = True
+        phase = self._phase
+        if phase == _AWAIT_HEAD and self._exc is None:
+            what = "response head" if self._response_started else "any response byte"
+            self._fail(
+                UpstreamProtocolError(
+                    f"upstream closed the connection before {what}",
+                    request_sent=self._request_sent,
+                )
+            )
+        elif phase == _BODY and self._exc is None:
+            if self._until_eof:  # RFC 9112 §6.3 item 8: the body ends when the connection closes
+                self._complete()
+            else:
+                self._fail(
+                    UpstreamProtocolError(
+                        "upstream closed the connection before the body was complete",
+                        request_sent=True,
+                    )
+                )
+        self._wake(self._drain_waiter)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake(self._drain_waiter)
+
+    def data_received(self, data: bytes) -> None:
+        phase = self._phase
+        if phase in (_DONE, _IDLE):
+            # Bytes nobody asked for (or after a complete response): the framing can no longer
+            # be trusted, so the connection is not reused.
+            self._reusable = False
+            if self._transport is not None:
+                self._transport.abort()
+            return
+        self._response_started = True
+        if phase == _AWAIT_HEAD:
+            self._head_bytes += len(data)
+            if self._is_head:
+                self._feed_head_only(data)
+                return
+        if self._feed(data) and self._phase == _AWAIT_HEAD:
+            self._check_head_size()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too; connection_lost() decides what the EOF means
+
+    # -- httptools callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._phase != _AWAIT_HEAD:
+            # A second message after a complete response: abort parsing (see _parse_error).
+            raise UpstreamProtocolError("unsolicited response", request_sent=True)
+        self._headers = []
+        self._reason = b""
+        self._content_length = None
+        self._chunked = False
+        self._conn_tokens = b""
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        n = len(name)
+        self._field_bytes += n + len(value)
+        if n == 14 and name.lower() == b"content-length":
+            self._content_length = int(value)  # llhttp has checked the digits and duplicates
+        elif n == 17 and name.lower() == b"transfer-encoding":
+            # RFC 9112 §6.3 item 4: chunked framing only if chunked is the final coding.
+            self._chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+        elif n == 10 and name.lower() == b"connection":
+            self._conn_tokens += value.lower() + b","
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise UpstreamProtocolError("unexpected 101 Switching Protocols", request_sent=True)
+            return  # interim response (100 Continue, 103 Early Hints): skipped
+        if self._field_bytes > MAX_RESPONSE_HEAD:
+            raise UpstreamProtocolError(
+                f"response head larger than {MAX_RESPONSE_HEAD} bytes", request_sent=True
+            )
+        tokens = self._conn_tokens
+        options = {t.strip() for t in tokens.split(b",")} if tokens else set()
+        version = parser.get_http_version()
+        # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; HTTP/1.0 only with "keep-alive".
+        if version == "1.1":
+            keep_alive = b"close" not in options
+        else:
+            keep_alive = version == "1.0" and b"keep-alive" in options and b"close" not in options
+        no_body = self._is_head or status == 204 or status == 304
+        if not no_body and not self._chunked and self._content_length is None:
+            self._until_eof = True  # RFC 9112 §6.3 item 8: read until the connection closes
+            keep_alive = False
+        if not keep_alive or self._writing:
+            # An early response while the request body is still being written: the upstream may
+            # not read the rest, so the connection's state is unknown afterwards.
+            self._reusable = False
+        self._response = UpstreamResponse(
+            status,
+            self._reason.decode("latin-1"),
+            self._headers,
+            self._content_length,
+            self._chunked,
+            keep_alive,
+            self,
+        )
+        self._phase = _BODY
+        if no_body:
+            self._complete()
+        self._wake(self._head_waiter)
+
+    def on_body(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        if self._buffered > READ_HIGH_WATER and not self._read_paused:
+            self._read_paused = True
+            if self._transport is not None:
+                self._transport.pause_reading()
+        self._wake(self._body_waiter)
+
+    def on_message_complete(self) -> None:
+        if self._phase == _BODY:
+            self._complete()
+        # _AWAIT_HEAD: an interim 1xx message ended; _DONE: HEAD/204/304 already completed.
+
+    # -- parsing helpers ----------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> bool:
+        try:
+            self._parser.feed_data(data)
+        except (HttpParserError, HttpParserUpgrade) as exc:
+            self._parse_error(exc)
+            return False
+        return True
+
+    def _parse_error(self, exc: Exception) -> None:
+        if self._phase == _DONE:
+            # Garbage after a complete response: keep the response, drop the connection.
+            self._reusable = False
+            if self._transport is not None:
+                self._transport.abort()
+            return
+        cause = exc.__context__
+        if isinstance(cause, UpstreamError):
+            self._fail(cause)
+        else:
+            self._fail(UpstreamProtocolError(f"malformed response: {exc}", request_sent=True))
+
+    def _feed_head_only(self, data: bytes) -> None:
+        # httptools cannot be told that a response answers HEAD (llhttp's "skip body" return
+        # from on_headers_complete is not exposed), so it would read the Content-Length the
+        # response announces as body. Feed it exactly up to the end of each head instead: with
+        # strict llhttp a head ends at its first CRLFCRLF. The parser is then replaced, and any
+        # byte after the final head makes the connection unusable.
+        tail = self._crlf_tail
+        idx = (tail + data).find(_CRLF2) if tail else data.find(_CRLF2)
+        while idx >= 0:
+            cut = idx + 4 - len(tail)
+            piece, data = data[:cut], data[cut:]
+            if not self._feed(piece):
+                return
+            if self._phase != _AWAIT_HEAD:  # the final head is complete
+                self._parser = HttpResponseParser(self)
+                self._crlf_tail = b""
+                if data:
+                    self._reusable = False
+                return
+            tail = b""
+            idx = data.find(_CRLF2)
+        if data and not self._feed(data):
+            return
+        self._crlf_tail = (tail + data)[-3:]
+        self._check_head_size()
+
+    def _check_head_size(self) -> None:
+        if self._head_bytes > MAX_RESPONSE_HEAD:
+            self._fail(
+                UpstreamProtocolError(
+                    f"response head larger than {MAX_RESPONSE_HEAD} bytes", request_sent=True
+                )
+            )
+
+    # -- exchange state -----------------------------------------------------------------------
+
+    @staticmethod
+    def _wake(waiter: asyncio.Future[None] | None) -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _complete(self) -> None:
+        self._phase = _DONE
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
+        self._wake(self._body_waiter)
+
+    def _fail(self, exc: UpstreamError) -> None:
+        if self._exc is None:
+            self._exc = exc
+        self._reusable = False
+        if self._writing:
+            self._write_failed = True
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
+        if self._transport is not None and not self._lost:
+            self._transport.abort()
+        self._wake(self._head_waiter)
+        self._wake(self._body_waiter)
+        self._wake(self._drain_waiter)
+        task = self._sending_task
+        if task is not None:
+            # The request body iterable is waiting on the downstream client; the exchange is
+            # already lost, so interrupt that wait (asyncio.timeout does the same).
+            self._sending_task = None
+            self._cancel_pending = True
+            task.cancel()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        phase = self._phase
+        if phase == _AWAIT_HEAD:
+            self._fail(
+                UpstreamTimeout(
+                    f"no response head within {self._timeout:g}s",
+                    request_sent=self._request_sent,
+                )
+            )
+        elif phase == _BODY:
+            # One handle per request: rather than re-arming on every chunk, the timer checks
+            # how long the consumer has been waiting when it fires and re-arms itself.
+            now = self._loop.time()
+            if self._body_waiter is not None:
+                expires = self._wait_since + self._timeout
+                if now + 0.001 >= expires:
+                    self._fail(
+                        UpstreamTimeout(
+                            f"response body idle for {self._timeout:g}s", request_sent=True
+                        )
+                    )
+                    return
+            else:  # the consumer is busy elsewhere: that is not the upstream's idleness
+                expires = now + self._timeout
+            self._timer = self._loop.call_at(expires, self._on_timer)
+
+    def _take_body(self) -> bytes | None:
+        chunks = self._chunks
+        if not chunks:
+            return None
+        if len(chunks) == 1:
+            data = chunks.popleft()
+        else:
+            data = b"".join(chunks)
+            chunks.clear()
+        self._buffered = 0
+        if self._read_paused:
+            self._read_paused = False
+            if self._transport is not None and not self._lost:
+                self._transport.resume_reading()
+        return data
+
+    async def _wait_body(self) -> None:
+        waiter = self._body_waiter = self._loop.create_future()
+        self._wait_since = self._loop.time()
+        try:
+            await waiter
+        finally:
+            self._body_waiter = None
+
+    async def _drain(self) -> None:
+        waiter = self._drain_waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._drain_waiter = None
+
+    # -- used by HostPool ---------------------------------------------------------------------
+
+    @property
+    def usable(self) -> bool:
+        return not self._lost and self._transport is not None and not self._transport.is_closing()
+
+    @property
+    def retry_is_safe_for_any_method(self) -> bool:
+        """The request died while being written: the upstream cannot have processed it."""
+        return self._write_failed
+
+    @property
+    def response_started(self) -> bool:
+        return self._response_started
+
+    @property
+    def body_started(self) -> bool:
+        return self._body_started
+
+    def close(self) -> None:
+        transport = self._transport
+        if transport is not None and not self._lost:
+            transport.close()
+
+    async def send(
+        self,
+        head: bytes,
+        body: bytes | AsyncIterable[bytes] | None,
+        *,
+        is_head: bool,
+        chunked: bool,
+        content_length: int | None,
+        deadline: float,
+        idle_timeout: float,
+    ) -> UpstreamResponse:
+        """Send one request and return once its response head is complete."""
+        self._begin(is_head, deadline, idle_timeout)
+        transport = self._transport
+        assert transport is not None
+        try:
+            if body is None or isinstance(body, bytes):
+                if not body:
+                    transport.write(head)
+                elif len(body) <= _COALESCE_BODY:
+                    transport.write(head + body)
+                else:
+                    transport.write(head)
+                    transport.write(body)
+                # A write that fails at once (EPIPE, ECONNRESET) closes the transport before
+                # returning: then no byte of the request was accepted.
+                if transport.is_closing():
+                    self._write_failed = True
+                else:
+                    self._request_sent = True
+            else:
+                await self._send_streamed(transport, head, body, chunked, content_length)
+            if self._phase == _AWAIT_HEAD and self._exc is None:
+                waiter = self._head_waiter = self._loop.create_future()
+                try:
+                    await waiter
+                finally:
+                    self._head_waiter = None
+            response = self._response
+            if response is not None:
+                return response  # even if the connection broke later: the body read will say so
+            if self._exc is not None:
+                raise self._exc
+            raise UpstreamProtocolError(
+                "connection lost before the response", request_sent=self._request_sent
+            )
+        except BaseException:
+            self._abandon()
+            raise
+
+    async def _send_streamed(
+        self,
+        transport: asyncio.Transport,
+        head: bytes,
+        body: AsyncIterable[bytes],
+        chunked: bool,
+        content_length: int | None,
+    ) -> None:
+        transport.write(head)
+        if transport.is_closing():
+            self._write_failed = True
+            return
+        self._request_sent = True
+        self._writing = True
+        self._body_started = True
+        task = cast("asyncio.Task[object] | None", asyncio.current_task())
+        assert task is not None
+        cancelling = task.cancelling()
+        iterator = body.__aiter__()
+        total = 0
+        try:
+            while True:
+                self._sending_task = task
+                try:
+                    chunk = await iterator.__anext__()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    self._sending_task = None
+                if self._exc is not None or self._lost:
+                    return
+                n = len(chunk)
+                if not n:
+                    continue  # an empty chunk would end a chunked body early
+                total += n
+                if chunked:
+                    transport.writelines((b"%x\r\n" % n, chunk, b"\r\n"))
+                else:
+                    if content_length is not None and total > content_length:
+                        raise ValueError(
+                            f"request body longer than content_length={content_length}"
+                        )
+                    transport.write(chunk)
+                if self._write_paused:
+                    await self._drain()
+                    if self._exc is not None or self._lost:
+                        return
+            if chunked:
+                transport.write(b"0\r\n\r\n")
+            elif content_length is not None and total != content_length:
+                raise ValueError(
+                    f"request body ended after {total} of content_length={content_length} bytes"
+                )
+        except asyncio.CancelledError:
+            # Our own cancellation from _fail(): turn it back into the recorded error.
+            if self._cancel_pending and task.uncancel() <= cancelling and self._exc is not None:
+                self._cancel_pending = False
+                return
+            raise
+        finally:
+            self._writing = False
+
+    def _begin(self, is_head: bool, deadline: float, timeout: float) -> None:
+        self._phase = _AWAIT_HEAD
+        self._is_head = is_head
+        self._timeout = timeout
+        self._timer = None
+        self._exc = None
+        self._response = None
+        self._reusable = True
+        self._until_eof = False
+        self._request_sent = False
+        self._response_started = False
+        self._write_failed = False
+        self._body_started = False
+        self._cancel_pending = False
+        self._head_bytes = 0
+        self._field_bytes = 0
+        self._crlf_tail = b""
+
+    def _abandon(self) -> None:
+        """The request failed or was cancelled before returning a response: drop the conn."""
+        self._reusable = False
+        self._phase = _IDLE
+        self._response = None
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
+        if self._transport is not None and not self._lost:
+            self._transport.abort()
+
+    def _release(self) -> None:
+        reusable = self._reusable and self._phase == _DONE and self._exc is None and self.usable
+        complete = self._phase == _DONE
+        self._phase = _IDLE
+        self._response = None
+        timer = self._timer
+        if timer is not None:
+            self._timer = None
+            timer.cancel()
+        if self._chunks:
+            self._chunks.clear()
+        self._buffered = 0
+        if self._read_paused:
+            self._read_paused = False
+            if reusable and self._transport is not None:
+                self._transport.resume_reading()
+        if not reusable and self._transport is not None and not self._lost:
+            if complete:
+                self._transport.close()
+            else:
+                self._transport.abort()  # unread body: do not wait for it
+        self._owner._connection_released(self, reusable)
