@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ class Upstream:
         async def echo(request: web.Request) -> web.StreamResponse:
             body = await request.read()
             seen = {
+                "t": time.time(),
                 "instance": self.name,
                 "method": request.method,
                 "path": request.path,

@@ -630,7 +630,7 @@ class Http1Connection(asyncio.Protocol):
         self._phase = _AWAIT_HEAD
         self._is_head = is_head
         self._timeout = timeout
-        self._timer = None
+        self._timer = self._loop.call_at(deadline, self._on_timer)
         self._exc = None
         self._response = None
         self._reusable = True

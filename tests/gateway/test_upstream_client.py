@@ -519,6 +519,10 @@ async def test_http10_upstream_body_until_close_and_keep_alive_opt_in(
         if n == 0:  # no framing: the body ends when the connection closes
             w.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end")
             return
+        if n == 1:  # HTTP/1.0 without "keep-alive": the client must not send another request
+            w.write(OK.replace(b"HTTP/1.1", b"HTTP/1.0"))
+            await r.read()
+            return
         keep_alive = b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok"
         w.write(keep_alive)
         await answer_each_request(r, w, keep_alive)
@@ -529,9 +533,13 @@ async def test_http10_upstream_body_until_close_and_keep_alive_opt_in(
         assert (resp.content_length, resp.chunked, resp.keep_alive) == (None, False, False)
         assert await resp.read() == b"until the end"
         resp.release()
+        resp = await pool.request("GET", "/", HOST, timeout=5)
+        assert not resp.keep_alive
+        assert await resp.read() == b"ok"
+        resp.release()
         for _ in range(3):
             assert await fetch(pool) == (200, b"ok")
-        assert upstream.connections == 2
+        assert upstream.connections == 3
 
 
 # -- failures -----------------------------------------------------------------------------------

@@ -1,0 +1,193 @@
+"""Medians, ratios and targets from the measurements; the printed table and the JSON file.
+
+Ratios are taken within a round (a configuration against nginx measured minutes apart at
+most) and the median of those is reported, as issue #6 asks: a figure relative to a reference
+measured in the same run survives a busy machine better than absolute req/s does.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.campaign import PACED, SATURATION, Measurement
+from bench.configurations import (
+    DIRECT,
+    GATEWAY,
+    GATEWAY_ACCESSLOG,
+    GATEWAY_RATELIMIT,
+    GATEWAY_REDIS,
+    NGINX,
+    NGINX_LIMIT_REQ,
+)
+
+# Issue #6's gateway targets that this benchmark measures.
+TARGET_RATIO = 0.5
+TARGET_ADDED_P99_MS = 2.0
+TARGET_REDIS_COST_PCT = 15.0
+
+
+def _runs(ms: list[Measurement], phase: str, name: str) -> list[Measurement]:
+    return [m for m in ms if m.phase == phase and m.configuration == name]
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _paired(
+    ms: list[Measurement], phase: str, a: str, b: str, combine: Callable[[float, float], float]
+) -> float | None:
+    """Median over rounds of ``combine(rps of a, rps of b)``, pairing runs of the same round."""
+    by_round = {m.round: m.wrk.rps for m in _runs(ms, phase, b)}
+    values = [
+        combine(m.wrk.rps, by_round[m.round])
+        for m in _runs(ms, phase, a)
+        if by_round.get(m.round)
+    ]
+    return _median(values)
+
+
+def _ratio(x: float, y: float) -> float:
+    return x / y
+
+
+def _cost_pct(x: float, y: float) -> float:
+    return (1 - x / y) * 100
+
+
+def summarize_phase(ms: list[Measurement], phase: str) -> dict[str, dict[str, Any]]:
+    names = list(dict.fromkeys(m.configuration for m in ms if m.phase == phase))
+    summary: dict[str, dict[str, Any]] = {}
+    for name in names:
+        runs = _runs(ms, phase, name)
+        cpu = [m.cpu_util for m in runs if m.cpu_util is not None]
+        summary[name] = {
+            "runs": len(runs),
+            "rps": _median([m.wrk.rps for m in runs]),
+            "p50_ms": _median([m.wrk.p50_ms for m in runs]),
+            "p99_ms": _median([m.wrk.p99_ms for m in runs]),
+            "p999_ms": _median([m.wrk.p999_ms for m in runs]),
+            "cpu_util": _median(cpu),
+            "ratio_to_nginx": _paired(ms, phase, name, NGINX, _ratio),
+            "non_2xx": sum(m.wrk.non_2xx for m in runs),
+            "socket_errors": sum(m.wrk.socket_errors for m in runs),
+        }
+    direct = summary.get(DIRECT)
+    for entry in summary.values():
+        entry["added_p99_ms_vs_direct"] = (
+            entry["p99_ms"] - direct["p99_ms"] if direct is not None else None
+        )
+    return summary
+
+
+def derive(ms: list[Measurement], paced: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    gateway_paced = paced.get(GATEWAY_RATELIMIT, {})
+    return {
+        "gateway_ratelimit_vs_nginx_limit_req": _paired(
+            ms, SATURATION, GATEWAY_RATELIMIT, NGINX_LIMIT_REQ, _ratio
+        ),
+        "redis_limiter_cost_pct": _paired(
+            ms, SATURATION, GATEWAY_REDIS, GATEWAY_RATELIMIT, _cost_pct
+        ),
+        "access_log_cost_pct": _paired(ms, SATURATION, GATEWAY_ACCESSLOG, GATEWAY, _cost_pct),
+        "half_saturation_added_p99_ms": gateway_paced.get("added_p99_ms_vs_direct"),
+    }
+
+
+def targets(derived: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = [
+        (
+            "throughput: gateway+rateLimit / nginx+limit_req",
+            derived["gateway_ratelimit_vs_nginx_limit_req"],
+            TARGET_RATIO,
+            ">=",
+        ),
+        (
+            "added p99 over direct at half the gateway's saturation (ms)",
+            derived["half_saturation_added_p99_ms"],
+            TARGET_ADDED_P99_MS,
+            "<=",
+        ),
+        (
+            "Redis limiter cost vs in-process limiter (%)",
+            derived["redis_limiter_cost_pct"],
+            TARGET_REDIS_COST_PCT,
+            "<=",
+        ),
+    ]
+    out = []
+    for name, value, goal, sense in rows:
+        met = None if value is None else (value >= goal if sense == ">=" else value <= goal)
+        out.append({"target": name, "value": value, "goal": f"{sense} {goal:g}", "met": met})
+    return out
+
+
+def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def print_table(title: str, summary: dict[str, dict[str, Any]]) -> None:
+    print(f"\n{title}")
+    header = (
+        f"{'configuration':<20}{'req/s':>10}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}"
+        f"{'+p99 ms':>9}{'cpu':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, s in summary.items():
+        problems = s["non_2xx"] + s["socket_errors"]
+        print(
+            f"{name:<20}{_fmt(s['rps'], ',.0f'):>10}{_fmt(s['ratio_to_nginx'], '.2f'):>8}"
+            f"{_fmt(s['p50_ms'], '.2f'):>9}{_fmt(s['p99_ms'], '.2f'):>9}"
+            f"{_fmt(s['added_p99_ms_vs_direct'], '+.2f'):>9}{_fmt(s['cpu_util'], '.0%'):>7}"
+            + (f"  !! {problems} errors" if problems else "")
+        )
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    sat = result["summary"][SATURATION]
+    print_table(
+        f"saturation: {result['plan']['connections']} connections, median of "
+        f"{result['plan']['rounds']} round(s) of {result['plan']['duration']:g} s "
+        "(ratio: to nginx in the same round; +p99: over direct; cpu: of the process under test)",
+        sat,
+    )
+    paced = result["summary"].get(PACED)
+    if paced:
+        rate = result["paced_rate"]
+        print_table(f"paced at ~{rate:,.0f} req/s (half the gateway+rateLimit saturation)", paced)
+    d = result["derived"]
+    print()
+    for name in (NGINX, NGINX_LIMIT_REQ, GATEWAY, GATEWAY_RATELIMIT):
+        if name in sat and sat[name]["added_p99_ms_vs_direct"] is not None:
+            print(
+                f"added p99 latency vs direct, {name} at saturation: "
+                f"{sat[name]['added_p99_ms_vs_direct']:+.2f} ms"
+            )
+    if d["half_saturation_added_p99_ms"] is not None:
+        print(
+            "added p99 latency vs direct, gateway-ratelimit at half saturation: "
+            f"{d['half_saturation_added_p99_ms']:+.2f} ms"
+        )
+    if d["redis_limiter_cost_pct"] is not None:
+        print(f"Redis limiter cost vs in-process limiter: {d['redis_limiter_cost_pct']:.1f} %")
+    if d["access_log_cost_pct"] is not None:
+        print(f"access log cost vs no access log: {d['access_log_cost_pct']:.1f} %")
+    print("\ntargets (issue #6):")
+    for t in result["targets"]:
+        mark = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+        print(f"  {t['target']}: {_fmt(t['value'], '.2f')} (goal {t['goal']}) {mark}")
+
+
+def write_results(result: dict[str, Any], directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = result["date"].replace(":", "").replace("-", "")
+    path = directory / f"gateway-{stamp}.json"
+    text = json.dumps(result, indent=2) + "\n"
+    path.write_text(text)
+    (directory / "latest.json").write_text(text)
+    return path
