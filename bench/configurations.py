@@ -53,7 +53,9 @@ def _nginx(env: Environment, port: int) -> Supervised | None:
 
 
 def _nginx_limit_req(env: Environment, port: int) -> Supervised | None:
-    return start_proxy(env.supervisor, port, env.upstream_port, limit_req=True, core=CORE_UNDER_TEST)
+    return start_proxy(
+        env.supervisor, port, env.upstream_port, limit_req=True, core=CORE_UNDER_TEST
+    )
 
 
 def _gateway(env: Environment, port: int) -> Supervised | None:
@@ -124,9 +126,7 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
     Configuration(NGINX_LIMIT_REQ, "nginx + limit_req on the route", _nginx_limit_req),
     Configuration(GATEWAY, "cityplane gateway, no policies", _gateway),
     Configuration(GATEWAY_RATELIMIT, "gateway + rateLimit (in-process)", _gateway_ratelimit),
-    Configuration(
-        GATEWAY_REDIS, "gateway + rateLimit in Redis", _gateway_redis, needs_redis=True
-    ),
+    Configuration(GATEWAY_REDIS, "gateway + rateLimit in Redis", _gateway_redis, needs_redis=True),
     Configuration(
         GATEWAY_ACCESSLOG,
         "gateway, access log to a file",

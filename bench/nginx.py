@@ -21,7 +21,7 @@ LIMIT_REQ_ZONE = "limit_req_zone $binary_remote_addr zone=city:1m rate=10000000r
 LIMIT_REQ = "limit_req zone=city burst=1000000 nodelay;"
 
 
-def render(template: str, **values: str | int) -> str:
+def render(template: str, **values: str | int | Path) -> str:
     text = (HERE / template).read_text()
     for key, value in values.items():
         text = text.replace(f"@{key}@", str(value))

@@ -171,9 +171,10 @@ def print_profile(summary: dict[str, Any]) -> None:
         print("\nprofile: no samples")
         return
     print(f"\nprofile of gateway-ratelimit under load ({summary['samples']} samples)")
-    print("  self time by package: " + ", ".join(
-        f"{p['name']} {p['share']:.0%}" for p in summary["packages"][:8]
-    ))
+    print(
+        "  self time by package: "
+        + ", ".join(f"{p['name']} {p['share']:.0%}" for p in summary["packages"][:8])
+    )
     print("  top functions by self time:")
     for f in summary["self"][:10]:
         print(f"    {f['share']:6.1%}  {f['name']}")

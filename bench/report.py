@@ -44,9 +44,7 @@ def _paired(
     """Median over rounds of ``combine(rps of a, rps of b)``, pairing runs of the same round."""
     by_round = {m.round: m.wrk.rps for m in _runs(ms, phase, b)}
     values = [
-        combine(m.wrk.rps, by_round[m.round])
-        for m in _runs(ms, phase, a)
-        if by_round.get(m.round)
+        combine(m.wrk.rps, by_round[m.round]) for m in _runs(ms, phase, a) if by_round.get(m.round)
     ]
     return _median(values)
 
