@@ -42,6 +42,13 @@ class Measurement:
     delay_ms: int | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def rps_per_cpu(self) -> float | None:
+        """Requests per CPU-second of the process under test: its cost, whatever else runs."""
+        if not self.cpu_util:
+            return None
+        return round(self.wrk.rps / self.cpu_util, 1)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "configuration": self.configuration,
@@ -50,6 +57,7 @@ class Measurement:
             "connections": self.connections,
             "delay_ms": self.delay_ms,
             "cpu_util": self.cpu_util,
+            "rps_per_cpu": self.rps_per_cpu,
             "load_average": self.load_average,
             **self.wrk.as_dict(),
             **self.notes,

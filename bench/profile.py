@@ -22,6 +22,9 @@ from bench.processes import CORE_LOAD, BenchError, Supervised
 from bench.wrk import Load
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
+# Samples whose innermost Python frame is the loop's runner are time in uvloop's C code: the
+# event loop itself, socket system calls, and C callbacks that py-spy cannot see into.
+LOOP_NOTE = "Runner.run as the innermost frame = time in uvloop's C event loop and system calls"
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -32,24 +35,13 @@ class Frame:
 
     @property
     def package(self) -> str:
-        """The top-level package a frame belongs to: ``aiohttp``, ``gateway``, ``asyncio``…"""
-        path = self.file
-        for marker in ("site-packages/", "dist-packages/"):
-            if marker in path:
-                return path.split(marker, 1)[1].split("/", 1)[0].removesuffix(".py")
-        for ours in ("gateway/", "cityplane/"):
-            if f"/{ours}" in f"/{path}":
-                return ours.rstrip("/")
-        if re.search(r"python3\.\d+/", path):
-            return path.rsplit("python3.", 1)[1].split("/", 2)[1].removesuffix(".py")
-        return path.rsplit("/", 1)[-1] or "?"
+        """``aiohttp``, ``gateway``, ``asyncio``, ``contextlib``: py-spy's paths are short."""
+        head, slash, _ = self.file.partition("/")
+        return head if slash else head.removesuffix(".py")
 
     @property
     def label(self) -> str:
-        short = self.file
-        for marker in ("site-packages/", "python3.11/", "/work/main/"):
-            short = short.split(marker, 1)[-1]
-        return f"{self.function} ({short})"
+        return f"{self.function} ({self.file})"
 
 
 def py_spy_path() -> Path | None:
@@ -178,4 +170,8 @@ def print_profile(summary: dict[str, Any]) -> None:
     print("  top functions by self time:")
     for f in summary["self"][:10]:
         print(f"    {f['share']:6.1%}  {f['name']}")
+    print("  top functions by inclusive time:")
+    for f in summary["inclusive"][:12]:
+        print(f"    {f['share']:6.1%}  {f['name']}")
+    print(f"  ({LOOP_NOTE})")
     print(f"  flame graph: {summary['files']['flamegraph']}")

@@ -70,6 +70,7 @@ def summarize_phase(ms: list[Measurement], phase: str) -> dict[str, dict[str, An
             "p99_ms": _median([m.wrk.p99_ms for m in runs]),
             "p999_ms": _median([m.wrk.p999_ms for m in runs]),
             "cpu_util": _median(cpu),
+            "rps_per_cpu": _median([m.rps_per_cpu for m in runs if m.rps_per_cpu is not None]),
             "ratio_to_nginx": _paired(ms, phase, name, NGINX, _ratio),
             "non_2xx": sum(m.wrk.non_2xx for m in runs),
             "socket_errors": sum(m.wrk.socket_errors for m in runs),
@@ -132,7 +133,7 @@ def print_table(title: str, summary: dict[str, dict[str, Any]]) -> None:
     print(f"\n{title}")
     header = (
         f"{'configuration':<20}{'req/s':>10}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'+p99 ms':>9}{'cpu':>7}"
+        f"{'+p99 ms':>9}{'cpu':>6}{'req/cpu-s':>11}"
     )
     print(header)
     print("-" * len(header))
@@ -141,7 +142,8 @@ def print_table(title: str, summary: dict[str, dict[str, Any]]) -> None:
         print(
             f"{name:<20}{_fmt(s['rps'], ',.0f'):>10}{_fmt(s['ratio_to_nginx'], '.2f'):>8}"
             f"{_fmt(s['p50_ms'], '.2f'):>9}{_fmt(s['p99_ms'], '.2f'):>9}"
-            f"{_fmt(s['added_p99_ms_vs_direct'], '+.2f'):>9}{_fmt(s['cpu_util'], '.0%'):>7}"
+            f"{_fmt(s['added_p99_ms_vs_direct'], '+.2f'):>9}{_fmt(s['cpu_util'], '.0%'):>6}"
+            f"{_fmt(s['rps_per_cpu'], ',.0f'):>11}"
             + (f"  !! {problems} errors" if problems else "")
         )
 

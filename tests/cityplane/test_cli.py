@@ -1,0 +1,191 @@
+"""The command line as a user meets it: one-line errors, exit codes, `up` and `--workers`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from aiohttp import ClientSession
+
+from cityplane.documents import load_documents
+from tests.gateway.procs import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str, cwd: Path = ROOT, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cityplane.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_malformed_config_is_one_line_and_exit_3(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: CityService\nmetadata: {name: x}\nspec: {upstream: [}\n")
+    result = cli("gateway", "--config", str(bad), "--port", "0")
+    assert result.returncode == 3
+    assert result.stderr.startswith("cityplane: invalid config: ")
+    assert "malformed YAML" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_field_names_file_line_and_field(tmp_path: Path) -> None:
+    doc = tmp_path / "svc.yaml"
+    doc.write_text(
+        "kind: CityService\nmetadata: {name: x}\nspec:\n  upstream:\n"
+        "    targets: [{url: 'http://127.0.0.1:1'}]\n    colour: red\n"
+        "  routes: [{name: r, match: {pathPrefix: /}}]\n"
+    )
+    result = cli("gateway", "--config", str(doc))
+    assert result.returncode == 3
+    assert f"{doc}:6: spec.upstream.colour: unknown field" in result.stderr
+
+
+def test_missing_config_and_bad_flags_fail_cleanly(tmp_path: Path) -> None:
+    result = cli("gateway", "--config", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 3 and "no such file" in result.stderr
+    result = cli("gateway")
+    assert result.returncode == 2 and "--config" in result.stderr
+    result = cli("gateway", "--port", "abc")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_parts_not_built_yet_say_so() -> None:
+    for part in ("identity", "registry", "operator"):
+        result = cli(part)
+        assert result.returncode == 2
+        assert "not in this version yet" in result.stderr
+
+
+def test_examples_are_valid_documents() -> None:
+    services = load_documents([ROOT / "examples"])
+    assert {s.metadata.name for s in services} >= {"bus-times", "parking-v1"}
+
+
+async def test_up_runs_the_demo_city_and_writes_demo_json(tmp_path: Path) -> None:
+    port, status = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cityplane.cli",
+            "up",
+            "--port",
+            str(port),
+            "--status-port",
+            str(status),
+            "--data-dir",
+            str(tmp_path / ".cityplane"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    demo_file = tmp_path / ".cityplane" / "demo.json"
+    try:
+        deadline = time.monotonic() + 20
+        while not demo_file.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        demo = json.loads(demo_file.read_text())
+        assert demo["gateway"] == f"http://127.0.0.1:{port}"
+        assert len(demo["try"]) >= 3
+        async with ClientSession() as http:
+            served_by = set()
+            codes = []
+            for _ in range(6):
+                async with http.get(demo["gateway"] + "/bus/stops/1/arrivals") as resp:
+                    codes.append(resp.status)
+                    if resp.status == 200:
+                        served_by.add((await resp.json())["served_by"])
+            assert codes == [200] * 5 + [429]
+            assert served_by == {"bus-a", "bus-b"}
+            archive = []
+            for _ in range(5):
+                async with http.get(demo["gateway"] + "/archive/records/1") as resp:
+                    archive.append(resp.status)
+            assert archive == [502, 502, 502, 503, 503]
+            async with http.post(demo["gateway"] + "/permits", json={"site": "Lot 9"}) as resp:
+                assert resp.status == 201
+                assert resp.headers["Sunset"] == "Wed, 30 Jun 2027 00:00:00 GMT"
+                assert resp.headers["Deprecation"].startswith("@")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert "CityPlane is up" in out
+    assert "curl" in out
+
+
+@pytest.mark.slow
+async def test_workers_share_one_port_and_report_metrics_together(upstreams, tmp_path: Path):
+    from tests.conftest import service
+    from tests.gateway.procs import write_services
+
+    up = await upstreams("w")
+    config = write_services(
+        tmp_path / "s.yaml",
+        [service("svc", [up.url], [{"name": "r", "match": {"pathPrefix": "/"}}])],
+    )
+    port, status = free_port(), free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cityplane.cli",
+            "gateway",
+            "--config",
+            str(config),
+            "--port",
+            str(port),
+            "--status-port",
+            str(status),
+            "--workers",
+            "2",
+            "--access-log",
+            "off",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        async with ClientSession() as http:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/x") as resp:
+                        if resp.status == 200:
+                            break
+                except OSError:
+                    await asyncio.sleep(0.1)
+            for _ in range(40):
+                # A new session per request: new connections are spread over the workers.
+                async with ClientSession() as fresh, fresh.get(f"http://127.0.0.1:{port}/x") as r:
+                    assert r.status == 200
+            async with http.get(f"http://127.0.0.1:{status}/metrics") as resp:
+                text = await resp.text()
+            async with http.get(f"http://127.0.0.1:{status}/readyz") as resp:
+                assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    line = next(
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("cityplane_gateway_requests_total") and 'status="200"' in ln
+    )
+    assert float(line.rsplit(" ", 1)[1]) >= 41
+    assert proc.returncode == 0, err
