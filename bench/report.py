@@ -38,14 +38,29 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def _rps(m: Measurement) -> float | None:
+    return m.wrk.rps
+
+
+def _rps_per_cpu(m: Measurement) -> float | None:
+    return m.rps_per_cpu
+
+
 def _paired(
-    ms: list[Measurement], phase: str, a: str, b: str, combine: Callable[[float, float], float]
+    ms: list[Measurement],
+    phase: str,
+    a: str,
+    b: str,
+    combine: Callable[[float, float], float],
+    metric: Callable[[Measurement], float | None] = _rps,
 ) -> float | None:
-    """Median over rounds of ``combine(rps of a, rps of b)``, pairing runs of the same round."""
-    by_round = {m.round: m.wrk.rps for m in _runs(ms, phase, b)}
-    values = [
-        combine(m.wrk.rps, by_round[m.round]) for m in _runs(ms, phase, a) if by_round.get(m.round)
-    ]
+    """Median over rounds of ``combine(metric of a, metric of b)``, pairing runs by round."""
+    by_round = {m.round: metric(m) for m in _runs(ms, phase, b)}
+    values = []
+    for m in _runs(ms, phase, a):
+        x, y = metric(m), by_round.get(m.round)
+        if x is not None and y:
+            values.append(combine(x, y))
     return _median(values)
 
 
@@ -88,6 +103,9 @@ def derive(ms: list[Measurement], paced: dict[str, dict[str, Any]]) -> dict[str,
     return {
         "gateway_ratelimit_vs_nginx_limit_req": _paired(
             ms, SATURATION, GATEWAY_RATELIMIT, NGINX_LIMIT_REQ, _ratio
+        ),
+        "gateway_ratelimit_vs_nginx_limit_req_per_cpu": _paired(
+            ms, SATURATION, GATEWAY_RATELIMIT, NGINX_LIMIT_REQ, _ratio, _rps_per_cpu
         ),
         "redis_limiter_cost_pct": _paired(
             ms, SATURATION, GATEWAY_REDIS, GATEWAY_RATELIMIT, _cost_pct
@@ -172,6 +190,11 @@ def print_summary(result: dict[str, Any]) -> None:
         print(
             "added p99 latency vs direct, gateway-ratelimit at half saturation: "
             f"{d['half_saturation_added_p99_ms']:+.2f} ms"
+        )
+    if d["gateway_ratelimit_vs_nginx_limit_req_per_cpu"] is not None:
+        print(
+            "gateway-ratelimit / nginx-limit-req, requests per CPU-second of the process under "
+            f"test: {d['gateway_ratelimit_vs_nginx_limit_req_per_cpu']:.2f}"
         )
     if d["redis_limiter_cost_pct"] is not None:
         print(f"Redis limiter cost vs in-process limiter: {d['redis_limiter_cost_pct']:.1f} %")

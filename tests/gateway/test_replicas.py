@@ -160,3 +160,47 @@ async def test_reload_under_load_fails_no_request(upstreams, tmp_path: Path):
     rate = total / elapsed
     print(f"reload under load: {total} requests at {rate:.0f}/s, {count} reloads, 0 failures")
     assert rate >= 500, rate
+
+
+async def test_breaker_opened_through_one_replica_is_open_on_the_other(upstreams, tmp_path: Path):
+    up = await upstreams("failing")
+    up.fail_with = 500
+    name = f"cb-{uuid.uuid4().hex[:8]}"
+    config = write_services(
+        tmp_path / "s.yaml",
+        [
+            service(
+                name,
+                [up.url],
+                [{"name": "r", "match": {"pathPrefix": "/"}}],
+                upstream={
+                    "retries": {"attempts": 0},
+                    "circuitBreaker": {"failureThreshold": 3, "resetTimeout": "30s"},
+                },
+            )
+        ],
+    )
+    a, b = (GatewayProcess(config, "--redis", "redis://127.0.0.1:6379/0") for _ in range(2))
+    try:
+        await asyncio.gather(a.ready(), b.ready())
+        async with ClientSession() as http:
+            for _ in range(3):
+                async with http.get(a.url + "/x") as resp:
+                    assert resp.status == 500
+            seen = len(up.requests)
+            status = None
+            for _ in range(50):  # propagation through Redis pub/sub, usually a few ms
+                async with http.get(b.url + "/x") as resp:
+                    status = resp.status
+                if status == 503:
+                    break
+                await asyncio.sleep(0.02)
+            async with http.get(b.status_url + "/metrics") as resp:
+                text = await resp.text()
+    finally:
+        a.stop()
+        b.stop()
+    assert status == 503
+    # Replica b never tried the upstream once it learnt the breaker was open.
+    assert len(up.requests) <= seen + 1
+    assert f'cityplane_gateway_breaker_state{{service="{name}"}} 1.0' in text
