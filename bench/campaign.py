@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.configurations import Configuration, Environment
-from bench.processes import CORE_LOAD, free_port, group_cpu_seconds
+from bench.processes import CORE_LOAD, core_busy, core_times, free_port, group_cpu_seconds
 from bench.tools import load_average
 from bench.wrk import Load, WrkResult, run_wrk
 
@@ -38,7 +38,11 @@ class Measurement:
     wrk: WrkResult
     connections: int
     cpu_util: float | None  # CPU time of the process under test / wall time (1.0 = one core)
+    # CPU microseconds per request of the process under test, in user space and in the kernel.
+    user_us: float | None
+    system_us: float | None
     load_average: float
+    core_busy: list[float]  # every core's busy share during the run, whoever used it
     delay_ms: int | None = None
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -57,8 +61,11 @@ class Measurement:
             "connections": self.connections,
             "delay_ms": self.delay_ms,
             "cpu_util": self.cpu_util,
+            "user_us_per_request": self.user_us,
+            "system_us_per_request": self.system_us,
             "rps_per_cpu": self.rps_per_cpu,
             "load_average": self.load_average,
+            "core_busy": self.core_busy,
             **self.wrk.as_dict(),
             **self.notes,
         }
@@ -93,20 +100,28 @@ class Campaign:
             if self.plan.warmup > 0:
                 warmup = Load(load.connections, self.plan.warmup, delay_ms=load.delay_ms)
                 run_wrk(warmup, port, script, core=CORE_LOAD)
-            before = group_cpu_seconds(measured.pid)
+            user_before, system_before = group_cpu_seconds(measured.pid)
+            cores_before = core_times()
             load_before = load_average()
             result = run_wrk(load, port, script, core=CORE_LOAD)
-            cpu = group_cpu_seconds(measured.pid) - before
+            cores = core_busy(cores_before, core_times())
+            user_after, system_after = group_cpu_seconds(measured.pid)
         finally:
             if started is not None:
                 env.supervisor.stop(started)
+        user = user_after - user_before
+        system = system_after - system_before
+        requests = result.requests or 1
         measurement = Measurement(
             configuration=configuration.name,
             phase=phase,
             round=round_,
             wrk=result,
             connections=load.connections,
-            cpu_util=round(cpu / result.duration_s, 3) if result.duration_s else None,
+            cpu_util=round((user + system) / result.duration_s, 3) if result.duration_s else None,
+            user_us=round(user * 1e6 / requests, 1),
+            system_us=round(system * 1e6 / requests, 1),
+            core_busy=cores,
             load_average=max(load_before, load_average()),
             delay_ms=load.delay_ms,
             notes=configuration.inspect(env, port),
@@ -136,6 +151,7 @@ class Campaign:
 def _print_progress(m: Measurement, rounds: int) -> None:
     r = m.wrk
     cpu = f"cpu {m.cpu_util:4.0%}" if m.cpu_util is not None else ""
+    cores = "cores " + "/".join(f"{b:.0%}" for b in m.core_busy)
     problems = []
     if r.non_2xx:
         problems.append(f"{r.non_2xx} non-2xx")
@@ -144,6 +160,7 @@ def _print_progress(m: Measurement, rounds: int) -> None:
     flag = f"  !! {', '.join(problems)}" if problems else ""
     print(
         f"  {m.phase:<10} round {m.round}/{rounds}  {m.configuration:<18}"
-        f" {r.rps:>9,.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms  {cpu}{flag}",
+        f" {r.rps:>9,.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms"
+        f"  {cpu}  {cores}{flag}",
         flush=True,
     )

@@ -154,9 +154,9 @@ def wait_until_answers(
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU time of every live process in the group (nginx master and worker)."""
-    total = 0
+def group_cpu_seconds(pgid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of every live process in the group (nginx master, worker)."""
+    user = system = 0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -168,5 +168,31 @@ def group_cpu_seconds(pgid: int) -> float:
         # The command name (field 2) may hold spaces; the fields after its ")" are fixed.
         fields = stat[stat.rfind(b")") + 2 :].split()
         if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / _TICKS
+            user += int(fields[11])
+            system += int(fields[12])
+    return user / _TICKS, system / _TICKS
+
+
+def core_times() -> dict[int, tuple[int, int]]:
+    """Per core, (busy, total) jiffies since boot, from /proc/stat."""
+    times: dict[int, tuple[int, int]] = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            name, _, rest = line.partition(" ")
+            if not (name.startswith("cpu") and name[3:].isdigit()):
+                continue
+            values = [int(v) for v in rest.split()]
+            idle = values[3] + values[4]  # idle + iowait
+            total = sum(values[:8])  # user nice system idle iowait irq softirq steal
+            times[int(name[3:])] = (total - idle, total)
+    return times
+
+
+def core_busy(before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> list[float]:
+    """Share of each core that was busy (anyone's work) between two `core_times()`."""
+    shares = []
+    for core in sorted(after):
+        busy = after[core][0] - before.get(core, (0, 0))[0]
+        total = after[core][1] - before.get(core, (0, 0))[1]
+        shares.append(round(busy / total, 3) if total else 0.0)
+    return shares

@@ -1,7 +1,10 @@
 """Where a gateway's time goes under load: py-spy samples of the process under test.
 
 py-spy reads the interpreter's stacks from outside (ptrace / process_vm_readv), so the
-gateway runs unmodified; ``--nonblocking`` keeps it from pausing the gateway at each sample.
+gateway runs unmodified. ``--nonblocking``: pausing the gateway at each sample (ptrace) put
+about twice the share on the functions that make system calls as the kernel's own user/system
+split supports; without pausing, some stacks come out torn (parents missing), so inclusive
+shares are lower bounds while self shares hold.
 Two recordings: collapsed stacks (summarized here into top functions and packages) and a
 flame graph for people. Without py-spy, or when the kernel refuses to let it attach, the
 benchmark says so and goes on without a profile.
@@ -14,6 +17,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +26,10 @@ from bench.processes import CORE_LOAD, BenchError, Supervised
 from bench.wrk import Load
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
-# Samples whose innermost Python frame is the loop's runner are time in uvloop's C code: the
-# event loop itself, socket system calls, and C callbacks that py-spy cannot see into.
-LOOP_NOTE = "Runner.run as the innermost frame = time in uvloop's C event loop and system calls"
+LOOP_NOTE = (
+    "py-spy sees Python frames only: a system call (socket write) counts for the function "
+    "that made it; 'event loop' is uvloop's own C code (epoll, reads, callbacks)"
+)
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
@@ -44,6 +49,12 @@ class Frame:
         return f"{self.function} ({self.file})"
 
 
+# Samples whose innermost Python frame is the loop's runner are time in uvloop's C code.
+_RUNNER = Frame("Runner.run", "asyncio/runners.py")
+EVENT_LOOP = Frame("event loop", "uvloop, C")
+_THREAD = Frame("Thread._bootstrap", "threading.py")
+
+
 def py_spy_path() -> Path | None:
     if PY_SPY.exists():
         return PY_SPY
@@ -58,11 +69,29 @@ def parse_frame(text: str) -> Frame:
     return Frame(m.group("func"), m.group("file"))
 
 
+def _from_the_loop(frames: Iterable[Frame]) -> list[Frame]:
+    """A stack from the event loop down: startup frames dropped, the loop's own time named.
+
+    Empty for stacks of other threads than the loop's.
+    Tasks resumed by the loop are sampled sometimes with, sometimes without the frames that
+    started the loop above them; cutting at the loop makes both kinds of stack add up.
+    """
+    stack = list(frames)
+    if stack and stack[0] == _THREAD:
+        return []
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i] == _RUNNER:
+            stack = stack[i + 1 :]
+            break
+    return stack or [EVENT_LOOP]
+
+
 def summarize(collapsed: str, top: int = 15) -> dict[str, Any]:
     """Self and inclusive shares per function, self share per package, from collapsed stacks."""
     own: Counter[Frame] = Counter()
     inclusive: Counter[Frame] = Counter()
     packages: Counter[str] = Counter()
+    modules: Counter[str] = Counter()
     total = 0
     for line in collapsed.splitlines():
         stack, _, count_text = line.rpartition(" ")
@@ -70,12 +99,13 @@ def summarize(collapsed: str, top: int = 15) -> dict[str, Any]:
             continue
         count = int(count_text)
         # py-spy starts each stack with the thread ("process 12:"...); frames follow.
-        frames = [parse_frame(f) for f in stack.split(";") if "(" in f]
+        frames = _from_the_loop(parse_frame(f) for f in stack.split(";") if "(" in f)
         if not frames:
-            continue
+            continue  # another thread: the executor's workers wait there, they serve nothing
         total += count
         own[frames[-1]] += count
         packages[frames[-1].package] += count
+        modules[frames[-1].file] += count
         for frame in set(frames):
             inclusive[frame] += count
 
@@ -92,6 +122,7 @@ def summarize(collapsed: str, top: int = 15) -> dict[str, Any]:
         "self": share(own),
         "inclusive": share(inclusive),
         "packages": share(packages),
+        "modules": share(modules),
     }
 
 
@@ -166,6 +197,10 @@ def print_profile(summary: dict[str, Any]) -> None:
     print(
         "  self time by package: "
         + ", ".join(f"{p['name']} {p['share']:.0%}" for p in summary["packages"][:8])
+    )
+    print(
+        "  self time by file: "
+        + ", ".join(f"{p['name']} {p['share']:.0%}" for p in summary["modules"][:10])
     )
     print("  top functions by self time:")
     for f in summary["self"][:10]:

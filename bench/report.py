@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,10 @@ def summarize_phase(ms: list[Measurement], phase: str) -> dict[str, dict[str, An
             "p999_ms": _median([m.wrk.p999_ms for m in runs]),
             "cpu_util": _median(cpu),
             "rps_per_cpu": _median([m.rps_per_cpu for m in runs if m.rps_per_cpu is not None]),
+            "user_us_per_request": _median([m.user_us for m in runs if m.user_us is not None]),
+            "system_us_per_request": _median(
+                [m.system_us for m in runs if m.system_us is not None]
+            ),
             "ratio_to_nginx": _paired(ms, phase, name, NGINX, _ratio),
             "non_2xx": sum(m.wrk.non_2xx for m in runs),
             "socket_errors": sum(m.wrk.socket_errors for m in runs),
@@ -147,11 +152,18 @@ def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _cpu_split(s: dict[str, Any]) -> str:
+    user, system = s["user_us_per_request"], s["system_us_per_request"]
+    if user is None or system is None:
+        return "-"
+    return f"{user:.1f} + {system:.1f}"
+
+
 def print_table(title: str, summary: dict[str, dict[str, Any]]) -> None:
     print(f"\n{title}")
     header = (
         f"{'configuration':<20}{'req/s':>10}{'ratio':>8}{'p50 ms':>9}{'p99 ms':>9}"
-        f"{'+p99 ms':>9}{'cpu':>6}{'req/cpu-s':>11}"
+        f"{'+p99 ms':>9}{'cpu':>6}{'req/cpu-s':>11}{'usr+sys us/req':>16}"
     )
     print(header)
     print("-" * len(header))
@@ -162,7 +174,7 @@ def print_table(title: str, summary: dict[str, dict[str, Any]]) -> None:
             f"{_fmt(s['p50_ms'], '.2f'):>9}{_fmt(s['p99_ms'], '.2f'):>9}"
             f"{_fmt(s['added_p99_ms_vs_direct'], '+.2f'):>9}{_fmt(s['cpu_util'], '.0%'):>6}"
             f"{_fmt(s['rps_per_cpu'], ',.0f'):>11}"
-            + (f"  !! {problems} errors" if problems else "")
+            f"{_cpu_split(s):>16}" + (f"  !! {problems} errors" if problems else "")
         )
 
 
@@ -171,7 +183,8 @@ def print_summary(result: dict[str, Any]) -> None:
     print_table(
         f"saturation: {result['plan']['connections']} connections, median of "
         f"{result['plan']['rounds']} round(s) of {result['plan']['duration']:g} s "
-        "(ratio: to nginx in the same round; +p99: over direct; cpu: of the process under test)",
+        "(ratio: to nginx in the same round; +p99: over direct; cpu, req/cpu-s, us/req: of the "
+        "process under test)",
         sat,
     )
     paced = result["summary"].get(PACED)
@@ -208,7 +221,7 @@ def print_summary(result: dict[str, Any]) -> None:
 
 def write_results(result: dict[str, Any], directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    stamp = result["date"].replace(":", "").replace("-", "")
+    stamp = datetime.fromisoformat(result["date"]).strftime("%Y%m%dT%H%M%SZ")
     path = directory / f"gateway-{stamp}.json"
     text = json.dumps(result, indent=2) + "\n"
     path.write_text(text)

@@ -77,20 +77,22 @@ def load_average() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def _output(argv: list[str]) -> str:
+def _output(argv: list[str], *, strip: bool = True) -> str:
     try:
         done = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=REPO)
     except OSError:
         return ""
-    return (done.stdout or done.stderr).strip()
+    text = done.stdout or done.stderr
+    return text.strip() if strip else text
 
 
 def git_state() -> dict[str, Any]:
-    changed = _output(["git", "status", "--porcelain", "--", "gateway", "cityplane"])
+    # Porcelain lines are "XY path": the leading status column may be a space.
+    changed = _output(["git", "status", "--porcelain", "--", "gateway", "cityplane"], strip=False)
     return {
         "commit": _output(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
         # Uncommitted changes to the code under test make the commit an approximation.
-        "dirty_files": [line[3:] for line in changed.splitlines()],
+        "dirty_files": [line[3:] for line in changed.splitlines() if len(line) > 3],
     }
 
 

@@ -6,10 +6,12 @@ saturation runs: wrk stays on its C fast path (a ``request``/``response`` hook w
 per request).
 
 Paced runs add ``delay()``, wrk's think time between a response and the next request on a
-connection: with C connections and a delay of D ms the rate is about C / (D + latency). wrk
-has no open-loop (wrk2-style) mode, so a stall delays the following requests instead of
-queueing them, and the tail is somewhat understated (coordinated omission); at half of
-saturation, where stalls are rare, the effect is small.
+connection: with C connections and a mean delay of D ms the rate is about C / (D + latency).
+The delay is drawn uniformly from 0..2D whole milliseconds: a fixed one keeps the connections
+in step, and all C requests then arrive in the same millisecond, a burst that measures
+queueing rather than the proxy. wrk has no open-loop (wrk2-style) mode, so a stall delays the
+following requests instead of queueing them, and the tail is somewhat understated
+(coordinated omission); at half of saturation, where stalls are rare, the effect is small.
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ _PACED = """
 local pause = 1
 init = function(args)
   pause = tonumber(args[1])
+  math.randomseed(os.time())
 end
 delay = function()
-  return pause
+  return math.random(0, 2 * pause)
 end
 """
 

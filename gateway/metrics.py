@@ -25,9 +25,7 @@ UPSTREAM_ERRORS = Counter(
     "Failed upstream attempts by kind (connect, timeout, protocol, status_5xx).",
     ["service", "kind"],
 )
-RETRIES = Counter(
-    "cityplane_gateway_retries_total", "Upstream attempts retried.", ["service"]
-)
+RETRIES = Counter("cityplane_gateway_retries_total", "Upstream attempts retried.", ["service"])
 RATELIMIT_REJECTED = Counter(
     "cityplane_gateway_ratelimit_rejected_total",
     "Requests rejected with 429 by a rate limit.",

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from aiohttp import web
 
-from cityplane.documents import DocumentError, document_files, load_documents
+from cityplane.documents import DocumentError
 from gateway import metrics
 from gateway.accesslog import AccessLog
 from gateway.compiler import Compiler, ConfigError, PolicyContext
@@ -28,6 +28,7 @@ from gateway.forwarding import TrustedProxies
 from gateway.policies.ratelimit_store import LocalStore, RedisStore
 from gateway.routing import RoutingTable
 from gateway.server import GatewayLimits, RequestPath, make_server
+from gateway.sources import ConfigSource, FileSource
 from gateway.status import status_app
 from gateway.tracing import Tracing
 from gateway.upstream.breaker import SharedBreakerState
@@ -71,7 +72,7 @@ class Gateway:
         self.path: RequestPath | None = None
         self.port: int = settings.port
         self.status_port: int | None = settings.status_port
-        self._fingerprint: tuple[tuple[str, int, int], ...] = ()
+        self.source: ConfigSource = FileSource(settings.config, interval=settings.watch_interval)
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -81,16 +82,23 @@ class Gateway:
         store: Any = local
         if s.redis_url:
             import redis.asyncio as aioredis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
 
             # No retries and a short deadline: Redis sits on the request path of rate-limited
             # routes; 0.25 s leaves room for event-loop lag under full load (0.1 s tripped).
             self._rl_store = RedisStore.from_url(s.redis_url, timeout=0.25)
             await self._rl_store.start()
             store = self._rl_store
-            self._shared = SharedBreakerState(aioredis.from_url(s.redis_url))
+            # Off the request path, but no retries either: a dead Redis is noticed at once.
+            self._shared = SharedBreakerState(
+                aioredis.from_url(
+                    s.redis_url, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+                )
+            )
             await self._shared.start()
         self.compiler = Compiler(PolicyContext(store, local, self._shared))
-        services = await self._load()
+        services = await self.source.load()
         result = self.compiler.compile(services, revision=1)
         self.revision = 1
         for cluster in result.started:
@@ -179,32 +187,11 @@ class Gateway:
 
     # -- config ----------------------------------------------------------------------------------
 
-    async def _load(self) -> list[Any]:
-        loop = asyncio.get_running_loop()
-        # File reads and YAML parsing are blocking: done in a thread, never on the loop.
-        self._fingerprint = await loop.run_in_executor(None, self._stat_config)
-        return await loop.run_in_executor(None, load_documents, self.settings.config)
-
-    def _stat_config(self) -> tuple[tuple[str, int, int], ...]:
-        stats = []
-        for root in self.settings.config:
-            try:
-                files = document_files(root)
-            except DocumentError:
-                continue
-            for f in files:
-                try:
-                    st = f.stat()
-                except OSError:
-                    continue
-                stats.append((str(f), st.st_mtime_ns, st.st_size))
-        return tuple(sorted(stats))
-
     async def reload(self) -> bool:
         """Load and compile the config; swap it in, or keep the old table and say why."""
         async with self._reload_lock:
             try:
-                services = await self._load()
+                services = await self.source.load()
                 result = self.compiler.compile(services, revision=self.revision + 1)
             except (DocumentError, ConfigError) as exc:
                 metrics.CONFIG_RELOADS.labels("error").inc()
@@ -230,16 +217,9 @@ class Gateway:
             await cluster.close()
 
     async def _watch(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.settings.watch_interval)
-            try:
-                current = await loop.run_in_executor(None, self._stat_config)
-            except OSError as exc:
-                log.warning("cannot check config files: %s", exc)
-                continue
-            if current != self._fingerprint:
-                await self.reload()
+            await self.source.changed()
+            await self.reload()
 
     @property
     def table(self) -> RoutingTable | None:

@@ -329,6 +329,7 @@ _RECORD_TTL = 7 * 24 * 3600  # versions are time-based, so a lapsed record resta
 
 
 class _Announcement(NamedTuple):
+    breaker: UpstreamBreaker
     state: str
     generation: int
     expected_version: int
@@ -384,7 +385,7 @@ class SharedBreakerState:
 
     def announce(self, breaker: UpstreamBreaker, state: str) -> None:
         self._announcements[breaker.service] = _Announcement(
-            state, breaker._generation, breaker._shared_version
+            breaker, state, breaker._generation, breaker._shared_version
         )
         self._wake.set()
 
@@ -467,8 +468,8 @@ class SharedBreakerState:
             if message is not None and message["type"] == "message":
                 self._apply(message["data"])
             elif message is not None and message["type"] == "subscribe":
-                # redis-py reconnected and subscribed again by itself: changes may have been
-                # missed meanwhile, so load the states now instead of at the next resync.
+                # Also seen when redis-py reconnected and subscribed again by itself: changes
+                # may have been missed meanwhile, so load the states now, not at the next resync.
                 resync_at = 0.0
             if time.monotonic() >= resync_at:
                 async with asyncio.timeout(_OP_TIMEOUT):
@@ -531,9 +532,11 @@ class SharedBreakerState:
                 breaker._trip()
 
     async def _publish(self, service: str, announcement: _Announcement) -> None:
-        breaker = self._breakers.get(service)
-        if breaker is None or not breaker._is_current(announcement.state, announcement.generation):
-            return
+        breaker = announcement.breaker
+        if self._breakers.get(service) is not breaker or not breaker._is_current(
+            announcement.state, announcement.generation
+        ):
+            return  # replaced by a config reload, or moved on since
         record = await self._transition(
             keys=[self._record_key(service), self._counter_key(service)],
             args=[

@@ -91,7 +91,8 @@ def encode_request_head(
     if method not in _METHODS_OK:
         if method == "CONNECT" or not _TOKEN.fullmatch(method):
             raise ValueError(f"unsupported request method {method!r}")
-        _METHODS_OK.add(method)
+        if len(_METHODS_OK) < 64:  # clients choose methods: keep the cache bounded
+            _METHODS_OK.add(method)
     if not target or " " in target or "\t" in target:
         raise ValueError(f"invalid request-target {target!r}")
     parts = [method, " ", target, " HTTP/1.1\r\n"]
@@ -118,9 +119,14 @@ def encode_request_head(
         parts.append("Transfer-Encoding: chunked\r\n")
         chunked = True
     parts.append("\r\n")
-    # aiohttp's server decodes fields as UTF-8 with surrogateescape; encoding the same way
-    # forwards a client's bytes unchanged (ASCII, the usual case, is identical either way).
-    head = "".join(parts).encode("utf-8", "surrogateescape")
+    # Latin-1 mirrors how fields are decoded on both sides (the proxy reads the client's raw
+    # headers as latin-1, responses come back latin-1 decoded): a client's bytes go out
+    # unchanged. Text only the gateway wrote (a citizen's name in an identity header) may hold
+    # characters above U+00FF; those fields go out as UTF-8 instead of failing the request.
+    try:
+        head = "".join(parts).encode("latin-1")
+    except UnicodeEncodeError:
+        head = b"".join(_encode_part(part) for part in parts)
     # Every line we built ends in exactly one CRLF, so any other CR, LF (or a NUL) came from
     # the caller's values: one scan over the head instead of three checks per field.
     lines = len(parts) - 3  # request line + one per field + framing + the blank line
@@ -130,6 +136,13 @@ def encode_request_head(
                 raise ValueError(f"CR, LF or NUL in the value of header {name!r}")
         raise ValueError(f"CR, LF or NUL in request-target {target!r}")
     return head, chunked
+
+
+def _encode_part(part: str) -> bytes:
+    try:
+        return part.encode("latin-1")
+    except UnicodeEncodeError:
+        return part.encode("utf-8")
 
 
 class HostPool:

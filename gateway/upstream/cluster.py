@@ -155,7 +155,7 @@ class UpstreamCluster:
                             headers={"Retry-After": str(max(1, round(exc.retry_after + 0.49)))},
                         ) from None
                 base, host = self._meta[id(target)]
-                target.in_flight += 1
+                # Least-request reads the pool's own in-flight count (held until release()).
                 try:
                     resp = await self._pools[id(target)].request(
                         method,
@@ -193,8 +193,6 @@ class UpstreamCluster:
                     raise Problem(
                         502, "upstream-unavailable", f"{self.service!r} could not be reached"
                     ) from None
-                finally:
-                    target.in_flight -= 1
                 if resp.status >= 500:
                     if permit is not None:
                         permit.failure()

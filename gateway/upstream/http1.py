@@ -168,6 +168,7 @@ class Http1Connection(asyncio.Protocol):
         self._body_waiter: asyncio.Future[None] | None = None
         self._wait_since = 0.0
         self._sending_task: asyncio.Task[object] | None = None
+        self._upload: asyncio.Task[None] | None = None  # a request body detached from send()
         self._cancel_pending = False
         self._is_head = False
         self._crlf_tail = b""
@@ -305,10 +306,14 @@ class Http1Connection(asyncio.Protocol):
         if not no_body and not self._chunked and self._content_length is None:
             self._until_eof = True  # RFC 9112 §6.3 item 8: read until the connection closes
             keep_alive = False
-        if not keep_alive or self._writing:
-            # An early response while the request body is still being written: the upstream may
-            # not read the rest, so the connection's state is unknown afterwards.
+        if not keep_alive:
             self._reusable = False
+        if self._writing:
+            # An early response while the request body is still being written: the upstream may
+            # not read the rest, so the connection's state is unknown afterwards. A write
+            # blocked on flow control stops waiting (see _pump_body).
+            self._reusable = False
+            self._wake(self._drain_waiter)
         self._response = UpstreamResponse(
             status,
             self._reason.decode("latin-1"),
@@ -446,12 +451,12 @@ class Http1Connection(asyncio.Protocol):
             # One handle per request: rather than re-arming on every chunk, the timer checks
             # how long the consumer has been waiting when it fires and re-arms itself.
             now = self._loop.time()
-            if self._body_waiter is not None:
+            if self._body_waiter is not None or self._drain_waiter is not None:
                 expires = self._wait_since + self._timeout
                 if now + 0.001 >= expires:
                     self._fail(
                         UpstreamTimeout(
-                            f"response body idle for {self._timeout:g}s", request_sent=True
+                            f"body stream idle for {self._timeout:g}s", request_sent=True
                         )
                     )
                     return
@@ -485,6 +490,7 @@ class Http1Connection(asyncio.Protocol):
 
     async def _drain(self) -> None:
         waiter = self._drain_waiter = self._loop.create_future()
+        self._wait_since = self._loop.time()
         try:
             await waiter
         finally:
@@ -577,15 +583,41 @@ class Http1Connection(asyncio.Protocol):
             self._write_failed = True
             return
         self._request_sent = True
-        self._writing = True
         self._body_started = True
+        await self._pump_body(transport, body.__aiter__(), chunked, content_length, 0, inline=True)
+
+    async def _pump_body(
+        self,
+        transport: asyncio.Transport,
+        iterator: AsyncIterator[bytes],
+        chunked: bool,
+        content_length: int | None,
+        total: int,
+        *,
+        inline: bool,
+    ) -> None:
+        """Write the request body chunk by chunk, honouring write flow control.
+
+        Inline (in the caller's task) it hands the rest of the body to a task of its own when
+        the response head arrives first, and the caller gets the response: the upstream may
+        answer before reading everything (413, 401) or stream both ways at once, and waiting
+        for the upload to finish would then deadlock against our own read backpressure.
+        """
         task = cast("asyncio.Task[object] | None", asyncio.current_task())
         assert task is not None
         cancelling = task.cancelling()
-        iterator = body.__aiter__()
-        total = 0
+        self._writing = True
+        handed_off = False
         try:
             while True:
+                if inline and self._phase != _AWAIT_HEAD:
+                    handed_off = True
+                    self._upload = self._loop.create_task(
+                        self._pump_body(
+                            transport, iterator, chunked, content_length, total, inline=False
+                        )
+                    )
+                    return
                 self._sending_task = task
                 try:
                     chunk = await iterator.__anext__()
@@ -607,10 +639,12 @@ class Http1Connection(asyncio.Protocol):
                             f"request body longer than content_length={content_length}"
                         )
                     transport.write(chunk)
-                if self._write_paused:
+                while self._write_paused:
                     await self._drain()
                     if self._exc is not None or self._lost:
                         return
+                    if inline and self._phase != _AWAIT_HEAD:
+                        break
             if chunked:
                 transport.write(b"0\r\n\r\n")
             elif content_length is not None and total != content_length:
@@ -618,13 +652,20 @@ class Http1Connection(asyncio.Protocol):
                     f"request body ended after {total} of content_length={content_length} bytes"
                 )
         except asyncio.CancelledError:
-            # Our own cancellation from _fail(): turn it back into the recorded error.
+            if not inline:
+                return  # the response was released or the exchange failed: stop uploading
+            # Our own cancellation from _fail(): send() raises the recorded error instead.
             if self._cancel_pending and task.uncancel() <= cancelling and self._exc is not None:
                 self._cancel_pending = False
                 return
             raise
+        except Exception as exc:  # a detached upload has nobody to raise to but the response
+            if inline:
+                raise
+            self._fail(UpstreamProtocolError(f"request body failed: {exc!r}", request_sent=True))
         finally:
-            self._writing = False
+            if not handed_off:
+                self._writing = False
 
     def _begin(self, is_head: bool, deadline: float, timeout: float) -> None:
         self._phase = _AWAIT_HEAD
@@ -640,15 +681,23 @@ class Http1Connection(asyncio.Protocol):
         self._write_failed = False
         self._body_started = False
         self._cancel_pending = False
+        self._upload = None
         self._head_bytes = 0
         self._field_bytes = 0
         self._crlf_tail = b""
+
+    def _stop_upload(self) -> None:
+        upload = self._upload
+        if upload is not None:
+            self._upload = None
+            upload.cancel()
 
     def _abandon(self) -> None:
         """The request failed or was cancelled before returning a response: drop the conn."""
         self._reusable = False
         self._phase = _IDLE
         self._response = None
+        self._stop_upload()
         timer = self._timer
         if timer is not None:
             self._timer = None
@@ -658,6 +707,7 @@ class Http1Connection(asyncio.Protocol):
 
     def _release(self) -> None:
         reusable = self._reusable and self._phase == _DONE and self._exc is None and self.usable
+        self._stop_upload()
         complete = self._phase == _DONE
         self._phase = _IDLE
         self._response = None
@@ -672,9 +722,10 @@ class Http1Connection(asyncio.Protocol):
             self._read_paused = False
             if reusable and self._transport is not None:
                 self._transport.resume_reading()
-        if not reusable and self._transport is not None and not self._lost:
-            if complete:
-                self._transport.close()
+        transport = self._transport
+        if not reusable and transport is not None and not self._lost:
+            if complete and not transport.get_write_buffer_size():
+                transport.close()
             else:
-                self._transport.abort()  # unread body: do not wait for it
+                transport.abort()  # unread body or unsent upload: do not wait for either
         self._owner._connection_released(self, reusable)

@@ -59,6 +59,29 @@ async def eventually(condition: Callable[[], bool], within: float) -> float:
     return time.monotonic() - start
 
 
+async def slowest_acquire_of_1000(breaker: UpstreamBreaker, states: set[str]) -> float:
+    """Drive a breaker through mostly failing attempts; return the slowest ``acquire()``."""
+    slowest = 0.0
+    for i in range(1000):
+        started = time.perf_counter()
+        try:
+            permit = breaker.acquire()
+        except BreakerOpen as rejected:
+            slowest = max(slowest, time.perf_counter() - started)
+            assert rejected.retry_after >= 0
+        else:
+            slowest = max(slowest, time.perf_counter() - started)
+            states.add(breaker.state)
+            if i % 7 == 0:
+                permit.success()
+            else:
+                permit.failure()
+        states.add(breaker.state)
+        # Let the background tasks run (and fail against the dead server) in between.
+        await asyncio.sleep(0.002 if i % 10 == 0 else 0)
+    return slowest
+
+
 @pytest.fixture
 def service() -> str:
     return f"svc-{uuid.uuid4().hex[:10]}"
@@ -381,29 +404,25 @@ async def test_breakers_work_locally_while_redis_is_down_and_share_again_when_it
 
         private_redis.kill()
         caplog.set_level(logging.WARNING, logger="gateway.upstream.breaker")
-        slowest = 0.0
-        states = set()
-        for i in range(1000):
-            started = time.perf_counter()
-            try:
-                permit = a.acquire()
-            except BreakerOpen as rejected:
-                slowest = max(slowest, time.perf_counter() - started)
-                assert rejected.retry_after >= 0
-            else:
-                slowest = max(slowest, time.perf_counter() - started)
-                states.add(a.state)
-                permit.success() if i % 7 == 0 else permit.failure()
-            states.add(a.state)
-            # Let the background tasks run (and fail against the dead server) in between.
-            await asyncio.sleep(0.002 if i % 10 == 0 else 0)
-        assert slowest < 0.001
+        states: set[str] = set()
+        rounds: list[float] = []
+        # Nothing on the request path waits for Redis, so a round's slowest acquire() stays far
+        # below 1 ms. On a busy machine the OS may still preempt us for a ms or two in one call
+        # (seen: wall 2.9 ms, CPU 0.1 ms, no GC), so up to three rounds; a call that waited for
+        # the dead server would make every round slow.
+        while len(rounds) < 3 and (not rounds or rounds[-1] >= 0.001):
+            gc.collect()  # time the breaker, not a full collection of earlier tests' garbage
+            rounds.append(await slowest_acquire_of_1000(a, states))
+        assert rounds[-1] < 0.001, f"slowest acquire() per round: {rounds}"
         assert states == {"closed", "open", "half-open"}
-        await eventually(lambda: bool(caplog.records), within=3)
+
+        def ours() -> list[logging.LogRecord]:
+            return [r for r in caplog.records if r.name == "gateway.upstream.breaker"]
+
+        await eventually(lambda: bool(ours()), within=3)
         await asyncio.sleep(0.5)
-        levels = [r.levelno for r in caplog.records]
-        assert set(levels) == {logging.WARNING}
-        assert len(levels) <= 2  # at most once per replica per 10 s
+        assert {r.levelno for r in ours()} == {logging.WARNING}
+        assert len(ours()) <= 2  # at most once per replica per 10 s
 
         private_redis.start()
         deadline = time.monotonic() + 5

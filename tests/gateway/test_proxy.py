@@ -495,3 +495,28 @@ async def test_problem_bodies_are_json(upstreams, gateway_factory, http):
         body = problem(await resp.read())
     assert set(body) >= {"type", "title", "status"}
     assert json.dumps(body)
+
+
+async def test_rate_limited_route_sends_headers_and_429_with_retry_after(
+    upstreams, gateway_factory, http
+):
+    up = await upstreams()
+    route = bus_route(rateLimit={"requests": 3, "window": "10s", "key": "ip"})
+    gw = await gateway_factory([service("svc", [up.url], [route])])
+    remaining = []
+    for _ in range(3):
+        async with http.get(gw.url + "/bus/x") as resp:
+            assert resp.status == 200
+            assert resp.headers["RateLimit-Policy"] == '"default";q=3;w=10'
+            remaining.append(resp.headers["RateLimit"])
+    assert [r.split(";")[1] for r in remaining] == ["r=2", "r=1", "r=0"]
+    async with http.get(gw.url + "/bus/x") as resp:
+        assert resp.status == 429
+        assert resp.content_type == "application/problem+json"
+        # The sliding window may ask to wait past the window end (the previous one decays).
+        assert 1 <= int(resp.headers["Retry-After"]) <= 20
+        assert len(resp.headers.getall("RateLimit")) == 1
+    assert len(up.requests) == 3
+    async with http.get(gw.status_url + "/metrics") as resp:
+        text = await resp.text()
+    assert 'cityplane_gateway_ratelimit_rejected_total{route="svc/read"} 1.0' in text

@@ -419,6 +419,59 @@ async def test_request_body_iterable_is_streamed_chunked_to_the_upstream(
         assert len(upstream.peers) == 1
 
 
+async def test_early_response_is_returned_while_the_upload_is_still_blocked(
+    make_pool: Callable[..., HostPool],
+) -> None:
+    produced: list[int] = []
+
+    async def too_large(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo big!")
+        await w.drain()
+        await asyncio.sleep(10)  # never reads the body: the client's writes block
+
+    async def body() -> AsyncIterator[bytes]:
+        for i in range(2000):  # 128 MB if it were all sent
+            produced.append(i)
+            yield b"x" * 65536
+
+    async with RawUpstream(too_large) as upstream:
+        pool = make_pool(upstream.port)
+        started = time.perf_counter()
+        assert await fetch(pool, "POST", "/", body(), limit=5) == (413, b"too big!")
+        assert time.perf_counter() - started < 1
+        assert len(produced) < 2000
+        assert (pool.idle_count, pool.in_flight) == (0, 0)
+
+
+async def test_upstream_answering_while_it_reads_the_upload_does_not_deadlock(
+    make_pool: Callable[..., HostPool],
+) -> None:
+    async def echo(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        async for data in request.content.iter_any():
+            await resp.write(data)
+        await resp.write_eof()
+        return resp
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(128):  # 8 MB: far more than socket buffers plus read high-water
+            yield b"e" * 65536
+
+    async with app_upstream(web.post("/echo", echo)) as upstream:
+        pool = make_pool(upstream.port)
+        resp = await pool.request("POST", "/echo", HOST, body(), timeout=2)
+        try:
+            echoed = 0
+            async for chunk in resp.iter_chunks():
+                echoed += len(chunk)
+        finally:
+            resp.release()
+        assert echoed == 128 * 65536
+
+
 async def test_iterable_body_not_matching_content_length_is_refused(
     make_pool: Callable[..., HostPool],
 ) -> None:
@@ -729,6 +782,31 @@ async def test_header_injection_and_pool_owned_headers_are_refused_before_connec
     assert pool.in_flight == 0
 
 
+async def test_header_bytes_pass_through_as_latin1_and_wider_text_goes_out_as_utf8(
+    make_pool: Callable[..., HostPool],
+) -> None:
+    heads: list[bytes] = []
+
+    async def record(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        heads.append(await r.readuntil(b"\r\n\r\n"))
+        w.write(b"HTTP/1.1 200 OK\r\nX-Back: caf\xe9\r\nContent-Length: 0\r\n\r\n")
+        await w.drain()
+
+    async with RawUpstream(record) as upstream:
+        pool = make_pool(upstream.port)
+        client_bytes = b"caf\xe9".decode("latin-1")  # how the proxy reads a client's header
+        resp = await pool.request(
+            "GET",
+            "/",
+            [*HOST, ("X-Client", client_bytes), ("X-Citizen", "\u5f20\u4e09")],
+            timeout=5,
+        )
+        resp.release()
+        assert b"\r\nX-Client: caf\xe9\r\n" in heads[0]
+        assert b"\r\nX-Citizen: " + "\u5f20\u4e09".encode() + b"\r\n" in heads[0]
+        assert ("X-Back", "caf\xe9") in resp.headers
+
+
 # -- stale keep-alive connections ---------------------------------------------------------------
 
 
@@ -843,6 +921,8 @@ UVLOOP_SCENARIOS = [
     test_close_drops_idle_connections_now_and_busy_ones_on_release,
     test_fifty_megabyte_response_streams_and_a_stalled_reader_holds_the_upstream_back,
     test_request_body_iterable_is_streamed_chunked_to_the_upstream,
+    test_early_response_is_returned_while_the_upload_is_still_blocked,
+    test_upstream_answering_while_it_reads_the_upload_does_not_deadlock,
     test_head_response_head_split_across_packets_keeps_the_connection,
     test_interim_1xx_responses_are_skipped,
     test_http10_upstream_body_until_close_and_keep_alive_opt_in,
