@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.configurations import Configuration, Environment
+from bench.configurations import DIRECT, Configuration, Environment
 from bench.processes import CORE_LOAD, core_busy, core_times, free_port, group_cpu_seconds
 from bench.tools import load_average
 from bench.wrk import Load, WrkResult, run_wrk
@@ -92,7 +92,7 @@ class Campaign:
         self, configuration: Configuration, load: Load, *, phase: str, round_: int
     ) -> Measurement:
         env = self.env
-        port = env.upstream_port if configuration.name == "direct" else free_port()
+        port = env.upstream_port if configuration.name == DIRECT else free_port()
         started = configuration.start(env, port)
         script = self.paced_script if load.delay_ms is not None else self.saturation_script
         measured = started if started is not None else env.upstream
@@ -140,7 +140,8 @@ class Campaign:
         load = paced_load(rate, self.plan.duration, self.plan.connections)
         print(
             f"\npaced at ~{rate:,.0f} req/s: {load.connections} connections, "
-            f"{load.delay_ms} ms between a response and the next request",
+            f"a random 0-{2 * (load.delay_ms or 0)} ms (mean {load.delay_ms} ms) between a "
+            "response and the next request",
             flush=True,
         )
         for round_ in range(1, self.plan.rounds + 1):
