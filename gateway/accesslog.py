@@ -51,12 +51,18 @@ class AccessLog:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval)
             self._wake.clear()
-            self.flush()
+            if self._buffer:
+                lines, self._buffer = self._buffer, []
+                # The write may block (a slow disk, a full pipe): a thread takes it.
+                await asyncio.get_running_loop().run_in_executor(None, self._write, lines)
 
     def flush(self) -> None:
-        if not self._buffer:
-            return
-        lines, self._buffer = self._buffer, []
+        """Write what is buffered now, on the caller's thread (at shutdown)."""
+        if self._buffer:
+            lines, self._buffer = self._buffer, []
+            self._write(lines)
+
+    def _write(self, lines: list[str]) -> None:
         try:
             self._sink.write("\n".join(lines) + "\n")
             self._sink.flush()

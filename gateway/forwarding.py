@@ -7,6 +7,7 @@ believed when the peer is a configured trusted proxy; otherwise they are replace
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
@@ -141,6 +142,7 @@ def upstream_headers(
     return out
 
 
+@functools.lru_cache(maxsize=1024)
 def _quote(value: str) -> str:
     # RFC 7239 §4: a host with ':' (a port or IPv6) must be a quoted-string.
     if all(c.isalnum() or c in "-._~" for c in value):

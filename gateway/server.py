@@ -47,6 +47,17 @@ class BodyTooLarge(Exception):
     pass
 
 
+class ProxyResponse(web.StreamResponse):
+    """A streamed response whose head leaves with the first body bytes, in one write.
+
+    aiohttp's StreamResponse sends the head at ``prepare()``; ``web.Response`` waits for the
+    body. A proxy wants the second behaviour for every response: one write (one syscall, one
+    packet) for a small answer instead of two.
+    """
+
+    _send_headers_immediately = False
+
+
 class GatewayLimits:
     __slots__ = ("max_body", "max_field_size", "max_headers", "max_line_size")
 
@@ -240,7 +251,9 @@ class RequestPath:
             if request.headers.get("Upgrade", "").lower() == "websocket":
                 resp, upstream_url = await self._websocket(request, route, ex, path, query)
             else:
-                resp, upstream_url = await self._proxy(request, route, ex, path, query, trusted)
+                resp, upstream_url = await self._proxy(
+                    request, route, ex, path, query, peer, trusted
+                )
             status = resp.status
             return resp
         except Problem as problem:
@@ -288,12 +301,12 @@ class RequestPath:
         ex: Exchange,
         path: str,
         query: str,
+        peer: str,
         trusted: bool,
     ) -> tuple[web.StreamResponse, str]:
-        peername = request.transport.get_extra_info("peername") if request.transport else None
         headers = upstream_headers(
             request.raw_headers,
-            peer=peername[0] if peername else "0.0.0.0",
+            peer=peer,
             peer_trusted=trusted,
             scheme=request.scheme,
             host=request.host,
@@ -330,7 +343,7 @@ class RequestPath:
             if span is not None:
                 client_span.end()
         try:
-            resp = web.StreamResponse(status=up.status, reason=up.reason or None)
+            resp = ProxyResponse(status=up.status, reason=up.reason or None)
             out = resp.headers
             for name, value in up.headers:
                 if name.lower() not in RESPONSE_DROP:
