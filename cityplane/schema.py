@@ -224,6 +224,8 @@ class Metadata(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     labels: dict[str, str] = {}
     annotations: dict[str, str] = {}
+    # Set by the registry (optimistic concurrency, like Kubernetes); ignored in files.
+    resourceVersion: str | None = None
 
 
 class ServiceSpec(Strict):

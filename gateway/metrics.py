@@ -53,4 +53,8 @@ TARGET_HEALTHY = Gauge(
 CONFIG_RELOADS = Counter(
     "cityplane_gateway_config_reloads_total", "Config loads by result.", ["result"]
 )
+CONFIG_REVISION = Gauge(
+    "cityplane_gateway_config_revision",
+    "Revision of the configuration being served (the registry's, or a local reload count).",
+)
 CONFIG_ROUTES = Gauge("cityplane_gateway_routes", "Routes in the active routing table.")

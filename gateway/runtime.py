@@ -26,6 +26,7 @@ from gateway.accesslog import AccessLog
 from gateway.compiler import Compiler, ConfigError, PolicyContext
 from gateway.forwarding import TrustedProxies
 from gateway.policies.ratelimit_store import LocalStore, RedisStore
+from gateway.registry_source import RegistrySource
 from gateway.routing import RoutingTable
 from gateway.server import GatewayLimits, RequestPath, make_server
 from gateway.sources import ConfigSource, FileSource
@@ -45,6 +46,9 @@ class GatewaySettings:
     status_host: str | None = None  # defaults to `host`
     status_port: int | None = 8081  # None: no status listener (a worker under a supervisor)
     redis_url: str | None = None
+    registry_url: str | None = None  # follow a registry instead of files
+    registry_token: str | None = None
+    state_dir: Path = field(default_factory=lambda: Path(".cityplane/gateway"))
     trusted_proxies: list[str] = field(default_factory=list)
     access_log: str = "stdout"  # "stdout" | "off" | a file path
     otlp_endpoint: str | None = None
@@ -72,7 +76,15 @@ class Gateway:
         self.path: RequestPath | None = None
         self.port: int = settings.port
         self.status_port: int | None = settings.status_port
-        self.source: ConfigSource = FileSource(settings.config, interval=settings.watch_interval)
+        self.source: ConfigSource
+        if settings.registry_url:
+            self.source = RegistrySource(
+                settings.registry_url,
+                token=settings.registry_token,
+                state_dir=settings.state_dir,
+            )
+        else:
+            self.source = FileSource(settings.config, interval=settings.watch_interval)
 
     # -- life cycle ----------------------------------------------------------------------------
 
@@ -99,8 +111,9 @@ class Gateway:
             await self._shared.start()
         self.compiler = Compiler(PolicyContext(store, local, self._shared))
         services = await self.source.load()
-        result = self.compiler.compile(services, revision=1)
-        self.revision = 1
+        self.revision = self.source.revision or 1
+        result = self.compiler.compile(services, revision=self.revision)
+        metrics.CONFIG_REVISION.set(self.revision)
         for cluster in result.started:
             await cluster.start()
         metrics.CONFIG_ROUTES.set(len(result.table))
@@ -138,9 +151,10 @@ class Gateway:
             sockets = getattr(site._server, "sockets", None)
             if sockets:
                 self.status_port = sockets[0].getsockname()[1]
-        if s.watch_interval > 0 and s.config:
+        if s.registry_url or (s.watch_interval > 0 and s.config):
             self._tasks.append(asyncio.create_task(self._watch(), name="config-watch"))
-        self.ready = True
+        # Following a registry, the gateway is ready once it holds a snapshot (live or saved).
+        self.ready = self.source.ready
         log.info(
             "gateway listening on %s:%d (status %s), %d routes",
             s.host,
@@ -156,6 +170,7 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.source.close()
         if self._listener is not None:
             self._listener.close()
         loop = asyncio.get_running_loop()
@@ -192,7 +207,8 @@ class Gateway:
         async with self._reload_lock:
             try:
                 services = await self.source.load()
-                result = self.compiler.compile(services, revision=self.revision + 1)
+                revision = self.source.revision or self.revision + 1
+                result = self.compiler.compile(services, revision=revision)
             except (DocumentError, ConfigError) as exc:
                 metrics.CONFIG_RELOADS.labels("error").inc()
                 log.error("config rejected, still serving revision %d: %s", self.revision, exc)
@@ -201,7 +217,10 @@ class Gateway:
                 await cluster.start()
             assert self.path is not None
             self.path.table = result.table  # the atomic swap
-            self.revision += 1
+            self.revision = revision
+            metrics.CONFIG_REVISION.set(revision)
+            if self.source.ready and not self.draining:
+                self.ready = True
             metrics.CONFIG_ROUTES.set(len(result.table))
             metrics.CONFIG_RELOADS.labels("ok").inc()
             if result.retired:

@@ -18,11 +18,16 @@ Fingerprint = tuple[tuple[str, int, int], ...]
 
 
 class ConfigSource(Protocol):
+    ready: bool  # holds a configuration the gateway may serve
+    revision: int | None  # the source's own revision, when it has one
+
     async def load(self) -> list[CityService]: ...
 
     async def changed(self) -> None:
         """Return when the configuration may have changed since the last `load`."""
         ...
+
+    async def close(self) -> None: ...
 
 
 class FileSource:
@@ -32,6 +37,8 @@ class FileSource:
         self.paths = paths
         self.interval = interval
         self._seen: Fingerprint = ()
+        self.ready = True
+        self.revision: int | None = None
 
     def describe(self) -> str:
         return ", ".join(str(p) for p in self.paths)
@@ -48,6 +55,9 @@ class FileSource:
             await asyncio.sleep(self.interval)
             if await loop.run_in_executor(None, self._fingerprint) != self._seen:
                 return
+
+    async def close(self) -> None:
+        return None
 
     def _fingerprint(self) -> Fingerprint:
         stats = []
