@@ -5,7 +5,7 @@ code through ``CircuitBreaker.calling()``: the context manager is entered in ``a
 exited when the permit learns the upstream's outcome, so one attempt may span any ``await``.
 pybreaker's own async path needs tornado and its Redis storage blocks the event loop; neither is
 used. :class:`SharedBreakerState` spreads state changes among gateway replicas through Redis in
-background tasks: the request path only touches memory. Why and how: docs/adr/0005.
+background tasks: the request path only touches memory. Why and how: docs/adr/0004-breaker-adapter.md.
 """
 
 from __future__ import annotations

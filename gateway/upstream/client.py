@@ -1,7 +1,7 @@
 """The gateway's upstream HTTP/1.1 client: a keep-alive connection pool per upstream target.
 
 Why not ``aiohttp.ClientSession``, the stale-connection retry rule and measurements:
-docs/adr/0004-upstream-client.md. The wire protocol lives in :mod:`gateway.upstream.http1`.
+docs/adr/0003-upstream-client.md. The wire protocol lives in :mod:`gateway.upstream.http1`.
 """
 
 from __future__ import annotations
@@ -348,7 +348,7 @@ def _stale_retry_is_safe(
     body: bytes | AsyncIterable[bytes] | None,
     exc: UpstreamError,
 ) -> bool:
-    """The rule for retrying after a reused keep-alive connection failed (ADR 0004).
+    """The rule for retrying after a reused keep-alive connection failed (ADR 0003).
 
     The upstream may close an idle connection just as we send on it; then the request fails
     before any response byte. Retrying is safe when the request can be repeated (idempotent

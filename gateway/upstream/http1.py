@@ -3,7 +3,7 @@
 A connection carries one exchange at a time (no pipelining). The request path allocates one
 future for the response head, one ``loop.call_at`` handle for the timeout and the
 :class:`UpstreamResponse`; small bodies usually arrive in the same ``data_received`` as the head
-and are read without another wake-up. See docs/adr/0004-upstream-client.md.
+and are read without another wake-up. See docs/adr/0003-upstream-client.md.
 """
 
 from __future__ import annotations
