@@ -94,7 +94,67 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"run {what} (not in this version yet)")
         _add_server_args(p, 0)
     sub.add_parser("version", help="print the version")
+    _add_registry_commands(sub)
     return parser
+
+
+def _add_registry_args(p: argparse.ArgumentParser) -> None:
+    """Where the registry is: flags, else the context file, else CITYPLANE_REGISTRY_*."""
+    p.add_argument("--registry", metavar="URL", help="registry URL (default: current context)")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token", help="bearer token (visible in `ps`: prefer --token-file)")
+    token.add_argument("--token-file", type=Path, metavar="PATH", help="file holding the token")
+    p.add_argument("--context", metavar="NAME", help="context of the context file to use")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per registry request")
+
+
+def _add_registry_commands(sub: Any) -> None:
+    files = {"action": "append", "type": Path, "metavar": "FILE|DIR", "dest": "filename"}
+
+    p = sub.add_parser("apply", help="create or update services in the registry from files")
+    p.add_argument(
+        "-f", "--filename", required=True, help="file or directory (repeatable)", **files
+    )
+    p.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
+    _add_registry_args(p)
+
+    p = sub.add_parser("delete", help="delete services: -f FILE|DIR or 'service NAME …'")
+    p.add_argument("resource", nargs="?", metavar="service", help="'service' (with NAMEs)")
+    p.add_argument("names", nargs="*", metavar="NAME")
+    p.add_argument("-f", "--filename", default=[], help="file or directory (repeatable)", **files)
+    p.add_argument("--ignore-not-found", action="store_true", help="absent services are fine")
+    _add_registry_args(p)
+
+    p = sub.add_parser("get", help="show services: 'get services' or 'get service NAME'")
+    p.add_argument("resource", choices=("services", "service", "svc"))
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("-o", "--output", choices=("table", "yaml", "json"))
+    p.add_argument("--lifecycle", choices=("draft", "published", "deprecated", "retired"))
+    p.add_argument(
+        "-l", "--selector", action="append", default=[], metavar="KEY=VALUE", help="label filter"
+    )
+    _add_registry_args(p)
+
+    p = sub.add_parser("lifecycle", help="move a service along its lifecycle")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--to", required=True, choices=("draft", "published", "deprecated", "retired"))
+    p.add_argument("--sunset", metavar="DATE", help="with --to deprecated: 2027-06-30 or a time")
+    _add_registry_args(p)
+
+    p = sub.add_parser("import-openapi", help="turn an OpenAPI 3 document into a CityService")
+    p.add_argument("spec", type=Path, metavar="SPEC.yaml")
+    p.add_argument("--name", required=True, help="service name")
+    p.add_argument("--upstream", required=True, metavar="URL", help="target URL of the service")
+    p.add_argument("--prefix", help="public path prefix (default: the path of servers[0].url)")
+    p.add_argument("--lifecycle", choices=("draft", "published", "deprecated", "retired"))
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of stdout")
+
+    p = sub.add_parser("login", help="remember a registry and its token as the current context")
+    p.add_argument("--registry", required=True, metavar="URL")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token-file", type=Path, metavar="PATH")
+    token.add_argument("--token", help=argparse.SUPPRESS)
+    p.add_argument("--context", default="default", metavar="NAME")
 
 
 def _gateway_settings(args: argparse.Namespace) -> Any:
@@ -166,6 +226,29 @@ def _run_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+CLIENT_COMMANDS = ("apply", "delete", "get", "lifecycle", "import-openapi", "login")
+
+
+def _run_client_command(args: argparse.Namespace) -> int:
+    """The registry client commands; their modules raise CommandError for one-line failures."""
+    from cityplane.commands import CommandError
+
+    try:
+        if args.command == "import-openapi":
+            from cityplane import openapi_import
+
+            return openapi_import.run(args)
+        if args.command == "login":
+            from cityplane.context import login
+
+            return login(args)
+        from cityplane.commands import run
+
+        return run(args)
+    except CommandError as exc:
+        raise CliError(str(exc), exc.code) from None
+
+
 def _use_uvloop() -> None:
     try:
         import uvloop
@@ -195,6 +278,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(f"cityplane {version('cityplane')}")
             return 0
+        if args.command in CLIENT_COMMANDS:
+            return _run_client_command(args)
         if args.command in ("identity", "registry", "operator"):
             raise CliError(f"'cityplane {args.command}' is not in this version yet", EXIT_USAGE)
         parser.print_help()
@@ -207,4 +292,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the imported module's main, not this __main__ copy: exceptions raised elsewhere
+    # (cityplane.cli.CliError) must be the class this main catches.
+    from cityplane.cli import main as _main
+
+    raise SystemExit(_main())
