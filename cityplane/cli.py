@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the whole platform on this machine with a demo city")
     _add_server_args(up, 8080)
     up.add_argument("--status-port", type=int, default=_int_env("STATUS_PORT", 8081))
+    up.add_argument("--registry-port", type=int, default=_int_env("REGISTRY_PORT", 8090))
     up.add_argument(
         "--data-dir", type=Path, default=Path(_env("DATA_DIR", ".cityplane")), help="state dir"
     )
@@ -71,6 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="CityService file or directory (repeatable)",
     )
     gw.add_argument("--registry", default=_env("REGISTRY_URL"), help="registry URL to follow")
+    gw.add_argument(
+        "--registry-token-file",
+        type=Path,
+        default=_env("REGISTRY_TOKEN_FILE"),
+        help="file with the registry token (or CITYPLANE_REGISTRY_TOKEN)",
+    )
+    gw.add_argument(
+        "--state-dir",
+        type=Path,
+        default=Path(_env("GATEWAY_STATE_DIR", ".cityplane/gateway")),
+        help="where the last good registry snapshot is kept",
+    )
     gw.add_argument("--status-port", type=int, default=_int_env("STATUS_PORT", 8081))
     gw.add_argument("--status-host", default=_env("STATUS_HOST"))
     gw.add_argument("--workers", type=int, default=_int_env("WORKERS", 1), help="0 = one per CPU")
@@ -86,9 +99,19 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--max-body", type=int, default=_int_env("MAX_BODY", 10 * 1024 * 1024))
     gw.add_argument("--watch-interval", type=float, default=1.0, help="0 disables file watching")
 
+    reg = sub.add_parser("registry", help="run the registry (control plane)")
+    _add_server_args(reg, 8090)
+    reg.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", ".cityplane")))
+    reg.add_argument(
+        "--database-url",
+        default=_env("DATABASE_URL"),
+        help="postgresql+asyncpg://… (default: SQLite under --data-dir)",
+    )
+    reg.add_argument("--admin-token-file", type=Path, default=_env("ADMIN_TOKEN_FILE"))
+    reg.add_argument("--heartbeat", type=float, default=15.0, help="watch heartbeat seconds")
+
     for name, what in (
         ("identity", "the OIDC identity hub"),
-        ("registry", "the registry (control plane)"),
         ("operator", "the Kubernetes operator"),
     ):
         p = sub.add_parser(name, help=f"run {what} (not in this version yet)")
@@ -161,13 +184,21 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
     from gateway.runtime import GatewaySettings
     from gateway.server import GatewayLimits
 
+    token = os.environ.get("CITYPLANE_REGISTRY_TOKEN")
     if args.registry:
+        if args.config:
+            raise CliError("give either --config or --registry, not both", EXIT_USAGE)
+        if args.registry_token_file is not None:
+            try:
+                token = Path(args.registry_token_file).read_text().strip()
+            except OSError as exc:
+                raise CliError(
+                    f"--registry-token-file {args.registry_token_file}: {exc.strerror}", EXIT_CONFIG
+                ) from None
+    elif not args.config:
         raise CliError(
-            "--registry: following a registry needs the registry part, not in this version yet",
-            EXIT_USAGE,
+            "give --config FILE|DIR (or CITYPLANE_GATEWAY_CONFIG) or --registry URL", EXIT_USAGE
         )
-    if not args.config:
-        raise CliError("give --config FILE|DIR (or CITYPLANE_GATEWAY_CONFIG)", EXIT_USAGE)
     for p in args.config:
         if not p.exists():
             raise CliError(f"--config {p}: no such file or directory", EXIT_CONFIG)
@@ -185,11 +216,16 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
         otlp_endpoint=args.otlp_endpoint,
         watch_interval=args.watch_interval,
         limits=GatewayLimits(max_body=args.max_body),
+        registry_url=args.registry,
+        registry_token=token,
+        state_dir=args.state_dir,
     )
 
 
 def _check_config(settings: Any) -> None:
-    """Validate config before binding anything, so errors are one line and exit 3."""
+    """Validate config files before binding anything, so errors are one line and exit 3."""
+    if settings.registry_url:
+        return  # the registry validated every document it accepted
     from cityplane.documents import DocumentError, load_documents
     from gateway.compiler import Compiler, ConfigError, PolicyContext
     from gateway.policies.ratelimit_store import LocalStore
@@ -223,6 +259,27 @@ def _run_gateway(args: argparse.Namespace) -> int:
         asyncio.run(serve(settings))
     except OSError as exc:
         raise CliError(f"cannot listen: {exc.strerror or exc}", 1) from None
+    return 0
+
+
+def _run_registry(args: argparse.Namespace) -> int:
+    from registry.app import RegistrySettings, RegistryStartError, run
+
+    _use_uvloop()
+    settings = RegistrySettings(
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        database_url=args.database_url,
+        admin_token_file=args.admin_token_file,
+        heartbeat=args.heartbeat,
+    )
+    try:
+        run(settings)
+    except RegistryStartError as exc:
+        raise CliError(str(exc), EXIT_CONFIG) from None
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     return 0
 
 
@@ -280,7 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command in CLIENT_COMMANDS:
             return _run_client_command(args)
-        if args.command in ("identity", "registry", "operator"):
+        if args.command == "registry":
+            return _run_registry(args)
+        if args.command in ("identity", "operator"):
             raise CliError(f"'cityplane {args.command}' is not in this version yet", EXIT_USAGE)
         parser.print_help()
         return EXIT_USAGE

@@ -1,10 +1,10 @@
 """`cityplane up`: the platform on one machine, with a small demo city to try it on.
 
 Starts demo city services in-process (two bus-times instances, a permits service, and an
-archive service that is down on purpose), writes their CityService documents to
-``<data-dir>/demo-city/services.yaml`` (edit it: the gateway reloads), runs the gateway with
-embedded defaults (in-process limits and breaker state), prints what to try and writes the
-same to ``<data-dir>/demo.json``.
+archive service that is down on purpose), the registry (SQLite under the data directory) with
+their CityService documents, and the gateway following the registry with embedded defaults
+(in-process limits and breaker state). Prints what to try, writes the same to
+``<data-dir>/demo.json`` and a `cityplane` CLI context named ``demo``.
 """
 
 from __future__ import annotations
@@ -144,8 +144,34 @@ async def _serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}"
 
 
+async def _seed(registry: Any, services: list[dict[str, Any]]) -> None:
+    """Put the demo services into the registry (their upstream ports change every start).
+
+    A service that already exists keeps its lifecycle (and sunset): someone may have moved it
+    with `cityplane lifecycle` since, and a lifecycle cannot go back.
+    """
+    from cityplane.client import RegistryClient
+    from cityplane.schema import CityService
+
+    async with RegistryClient(registry.url, registry.admin_token) as client:
+        for doc in services:
+            current = await client.get_service(doc["metadata"]["name"])
+            if current is not None:
+                keep = current.spec
+                doc["spec"]["lifecycle"] = keep.lifecycle
+                for key in ("sunset", "deprecatedSince"):
+                    value = getattr(keep, key)
+                    if value is None:
+                        doc["spec"].pop(key, None)
+                    else:
+                        doc["spec"][key] = value.isoformat()
+            await client.replace_service(CityService.model_validate(doc))
+
+
 async def _demo(args: argparse.Namespace) -> None:
+    from cityplane.context import write_context
     from gateway.runtime import Gateway, GatewaySettings
+    from registry.app import RegistrySettings, RegistryStartError, start_registry
 
     data_dir: Path = args.data_dir.resolve()
     (data_dir / "demo-city").mkdir(parents=True, exist_ok=True)
@@ -158,28 +184,54 @@ async def _demo(args: argparse.Namespace) -> None:
     runner, permits_url = await _serve_app(_permits_app())
     runners.append(runner)
     archive_url = f"http://127.0.0.1:{_free_port()}"
+    services = demo_services(bus_urls, permits_url, archive_url)
     config = data_dir / "demo-city" / "services.yaml"
     config.write_text(
-        "# The demo city's services. Edit and save: the gateway reloads within a second.\n"
-        + yaml.safe_dump_all(demo_services(bus_urls, permits_url, archive_url), sort_keys=False)
+        "# The demo city's services. Edit, then: cityplane apply -f "
+        + str(config)
+        + "\n"
+        + yaml.safe_dump_all(services, sort_keys=False)
     )
-    settings = GatewaySettings(
-        config=[config],
-        host=args.host,
-        port=args.port,
-        status_port=args.status_port,
-        access_log=str(data_dir / "access.log"),
-    )
-    gateway = Gateway(settings)
-    try:
-        await gateway.start()
-    except OSError as exc:
+    registry = None
+    gateway = None
+
+    async def cleanup() -> None:
+        if gateway is not None:
+            await gateway.stop()
+        if registry is not None:
+            await registry.stop()
         for r in runners:
             await r.cleanup()
+
+    try:
+        registry = await start_registry(
+            RegistrySettings(host=args.host, port=args.registry_port, data_dir=data_dir)
+        )
+        await _seed(registry, services)
+        gateway = Gateway(
+            GatewaySettings(
+                host=args.host,
+                port=args.port,
+                status_port=args.status_port,
+                access_log=str(data_dir / "access.log"),
+                registry_url=registry.url,
+                registry_token=registry.admin_token,
+                state_dir=data_dir / "gateway",
+            )
+        )
+        await gateway.start()
+    except OSError as exc:
+        await cleanup()
         raise CliError(
-            f"cannot listen on {args.host}:{args.port}/{args.status_port}: {exc.strerror or exc}"
-            " (use --port/--status-port)"
+            f"cannot listen on {args.host} ports {args.port}/{args.status_port}/"
+            f"{args.registry_port}: {exc.strerror or exc} (use --port, --status-port, "
+            "--registry-port)"
         ) from None
+    except RegistryStartError as exc:
+        await cleanup()
+        raise CliError(f"registry: {exc}") from None
+    token_file = registry.admin_token_file
+    write_context("demo", registry.url, token_file)
     base = f"http://{args.host}:{gateway.port}"
     status = f"http://{args.host}:{gateway.status_port}"
     tries = [
@@ -203,10 +255,16 @@ async def _demo(args: argparse.Namespace) -> None:
             "curl": "curl -i -X POST -H 'Content-Type: application/json' "
             f'-d \'{{"site": "Lot 9"}}\' {base}/permits',
         },
+        {
+            "what": "the registry: list services, change one, watch the gateway follow",
+            "curl": f"cityplane get services; cityplane apply -f {config}",
+        },
         {"what": "metrics", "curl": f"curl -s {status}/metrics | grep cityplane_gateway"},
     ]
     demo = {
         "gateway": base,
+        "registry": registry.url,
+        "registry_token_file": str(token_file),
         "status": status,
         "config": str(config),
         "access_log": str(data_dir / "access.log"),
@@ -215,10 +273,11 @@ async def _demo(args: argparse.Namespace) -> None:
     }
     (data_dir / "demo.json").write_text(json.dumps(demo, indent=2) + "\n")
     lines = [
-        "CityPlane is up (embedded defaults: in-process limits and breaker state).",
+        "CityPlane is up (embedded defaults: SQLite, in-process limits and breaker state).",
         f"  gateway   {base}",
+        f"  registry  {registry.url}  (admin token in {token_file}; `cityplane` context 'demo')",
         f"  status    {status}/healthz  /readyz  /metrics",
-        f"  config    {config}  (edit it: the gateway reloads)",
+        f"  services  {config}",
         f"  access    {data_dir / 'access.log'}",
         "Try:",
     ]
@@ -231,7 +290,6 @@ async def _demo(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(gateway.reload()))
     try:
         if args.exit_after is not None:
             await asyncio.wait_for(stop.wait(), args.exit_after)
@@ -240,9 +298,7 @@ async def _demo(args: argparse.Namespace) -> None:
     except TimeoutError:
         pass
     finally:
-        await gateway.stop()
-        for r in runners:
-            await r.cleanup()
+        await cleanup()
 
 
 def run_demo(args: argparse.Namespace) -> int:

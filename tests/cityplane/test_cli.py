@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -62,7 +63,7 @@ def test_missing_config_and_bad_flags_fail_cleanly(tmp_path: Path) -> None:
 
 
 def test_parts_not_built_yet_say_so() -> None:
-    for part in ("identity", "registry", "operator"):
+    for part in ("identity", "operator"):
         result = cli(part)
         assert result.returncode == 2
         assert "not in this version yet" in result.stderr
@@ -74,7 +75,8 @@ def test_examples_are_valid_documents() -> None:
 
 
 async def test_up_runs_the_demo_city_and_writes_demo_json(tmp_path: Path) -> None:
-    port, status = free_port(), free_port()
+    port, status, registry_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "CITYPLANE_CONFIG": str(tmp_path / "cli-config")}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -85,6 +87,8 @@ async def test_up_runs_the_demo_city_and_writes_demo_json(tmp_path: Path) -> Non
             str(port),
             "--status-port",
             str(status),
+            "--registry-port",
+            str(registry_port),
             "--data-dir",
             str(tmp_path / ".cityplane"),
         ],
@@ -92,6 +96,7 @@ async def test_up_runs_the_demo_city_and_writes_demo_json(tmp_path: Path) -> Non
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=env,
     )
     demo_file = tmp_path / ".cityplane" / "demo.json"
     try:
@@ -100,6 +105,18 @@ async def test_up_runs_the_demo_city_and_writes_demo_json(tmp_path: Path) -> Non
             await asyncio.sleep(0.1)
         demo = json.loads(demo_file.read_text())
         assert demo["gateway"] == f"http://127.0.0.1:{port}"
+        assert demo["registry"] == f"http://127.0.0.1:{registry_port}"
+        # The CLI finds the registry through the context `up` wrote.
+        listing = subprocess.run(
+            [sys.executable, "-m", "cityplane.cli", "get", "services"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+        )
+        assert listing.returncode == 0, listing.stderr
+        assert "bus-times" in listing.stdout and "deprecated" in listing.stdout
         assert len(demo["try"]) >= 3
         async with ClientSession() as http:
             served_by = set()

@@ -24,12 +24,14 @@ def free_port() -> int:
 
 
 class GatewayProcess:
-    def __init__(self, config: Path, *extra: str) -> None:
+    def __init__(self, config: Path | None, *extra: str, log_dir: Path | None = None) -> None:
         self.port = free_port()
         self.status_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.status_url = f"http://127.0.0.1:{self.status_port}"
-        self.log = config.with_suffix(f".{self.port}.log")
+        where = log_dir or (config.parent if config else Path("."))
+        self.log = where / f"gateway.{self.port}.log"
+        source = ["--config", str(config)] if config else []
         self._log_file = self.log.open("wb")
         self.proc = subprocess.Popen(
             [
@@ -37,8 +39,7 @@ class GatewayProcess:
                 "-m",
                 "cityplane.cli",
                 "gateway",
-                "--config",
-                str(config),
+                *source,
                 "--port",
                 str(self.port),
                 "--status-port",

@@ -1,0 +1,144 @@
+"""The admin API under `/v1` (docs/registry-api.md): services, lifecycle, snapshot, audit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from registry.auth import principal
+from registry.bodies import read_model, read_service
+from registry.errors import invalid_document, invalid_query, not_found
+from registry.lifecycle import LIFECYCLES, TransitionRequest
+from registry.state import STATE
+from registry.store import Written
+from registry.watch import watch
+
+REVISION_HEADER = "X-CityPlane-Revision"
+AUDIT_LIMIT_MAX = 1000
+
+
+def _etag(document: dict[str, Any]) -> str:
+    return f'"{document["metadata"]["resourceVersion"]}"'
+
+
+def _answer(written: Written, status: int = 200) -> web.Response:
+    headers = {REVISION_HEADER: str(written.revision), "ETag": _etag(written.document)}
+    return web.json_response(written.document, status=status, headers=headers)
+
+
+def _labels(values: list[str]) -> list[tuple[str, str]]:
+    selectors = []
+    for value in values:
+        key, eq, wanted = value.partition("=")
+        if not eq or not key:
+            raise invalid_query(f"label={value!r}: use label=key=value")
+        selectors.append((key, wanted))
+    return selectors
+
+
+async def list_services(request: web.Request) -> web.Response:
+    query = request.query
+    lifecycle = query.get("lifecycle") or None
+    if lifecycle is not None and lifecycle not in LIFECYCLES:
+        raise invalid_query(f"lifecycle={lifecycle!r}: one of {', '.join(LIFECYCLES)}")
+    revision, items = await request.app[STATE].store.find(
+        lifecycle=lifecycle,
+        owner=query.get("owner") or None,
+        labels=_labels(query.getall("label", [])),
+    )
+    return web.json_response(
+        {"revision": revision, "items": items}, headers={REVISION_HEADER: str(revision)}
+    )
+
+
+async def get_service(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    document = await request.app[STATE].store.get(name)
+    if document is None:
+        raise not_found(name)
+    return web.json_response(document, headers={"ETag": _etag(document)})
+
+
+async def create_service(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    service = await read_service(request)
+    written = await state.store.create(service, actor=principal(request).name)
+    state.metrics.changes.labels("create").inc()
+    response = _answer(written, 201)
+    response.headers["Location"] = f"/v1/services/{service.metadata.name}"
+    return response
+
+
+async def put_service(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    name = request.match_info["name"]
+    service = await read_service(request)
+    if service.metadata.name != name:
+        raise invalid_document(
+            [{"field": "metadata.name", "message": f"must match the name in the URL ({name!r})"}]
+        )
+    written = await state.store.put(
+        name, service, actor=principal(request).name, if_match=request.headers.get("If-Match")
+    )
+    if written.changed:
+        state.metrics.changes.labels("create" if written.created else "update").inc()
+    return _answer(written, 201 if written.created else 200)
+
+
+async def delete_service(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    written = await state.store.delete(
+        request.match_info["name"],
+        actor=principal(request).name,
+        if_match=request.headers.get("If-Match"),
+    )
+    state.metrics.changes.labels("delete").inc()
+    return web.json_response(written.document, headers={REVISION_HEADER: str(written.revision)})
+
+
+async def transition_service(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    transition = await read_model(request, TransitionRequest)
+    written = await state.store.transition(
+        request.match_info["name"],
+        transition,
+        actor=principal(request).name,
+        if_match=request.headers.get("If-Match"),
+    )
+    state.metrics.changes.labels("lifecycle").inc()
+    return _answer(written)
+
+
+async def snapshot(request: web.Request) -> web.Response:
+    revision, services = await request.app[STATE].store.snapshot()
+    return web.json_response(
+        {"revision": revision, "services": services}, headers={REVISION_HEADER: str(revision)}
+    )
+
+
+async def audit_log(request: web.Request) -> web.Response:
+    raw = request.query.get("limit", "100")
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise invalid_query(f"limit={raw!r}: a number from 1 to {AUDIT_LIMIT_MAX}") from None
+    if not 1 <= limit <= AUDIT_LIMIT_MAX:
+        raise invalid_query(f"limit={raw!r}: a number from 1 to {AUDIT_LIMIT_MAX}")
+    items = await request.app[STATE].store.audit(
+        service=request.query.get("service") or None, limit=limit
+    )
+    return web.json_response({"items": items})
+
+
+def add_api_routes(app: web.Application) -> None:
+    one = "/v1/services/{name}"
+    app.router.add_get("/v1/services", list_services)
+    app.router.add_post("/v1/services", create_service)
+    app.router.add_get(one, get_service)
+    app.router.add_put(one, put_service)
+    app.router.add_delete(one, delete_service)
+    app.router.add_post(one + "/lifecycle", transition_service)
+    app.router.add_get("/v1/snapshot", snapshot)
+    app.router.add_get("/v1/audit", audit_log)
+    app.router.add_get("/v1/watch", watch, allow_head=False)  # a HEAD would hold a stream open

@@ -1,0 +1,216 @@
+"""Build, start and run the registry: `start_registry(settings)` for `cityplane up` and tests,
+`run(settings)` for `cityplane registry`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from registry import middleware
+from registry.api import add_api_routes
+from registry.auth import (
+    AdminTokenError,
+    AdminTokenVerifier,
+    Authenticator,
+    load_or_create_admin_token,
+)
+from registry.bodies import MAX_BODY
+from registry.engine import is_postgresql, make_engine, migrate, sqlite_url
+from registry.fanout import PostgresFanout
+from registry.metrics import RegistryMetrics
+from registry.notifier import Notifier
+from registry.openapi import openapi_bytes
+from registry.state import STATE, RegistryState
+from registry.status import add_status_routes
+from registry.store import ServiceStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RegistrySettings:
+    host: str = "127.0.0.1"
+    port: int = 8090  # 0: any free port (see RunningRegistry.port)
+    data_dir: Path = Path(".cityplane")
+    database_url: str | None = None  # None: SQLite in <data_dir>/registry/registry.db
+    admin_token_file: Path | None = None  # None: <data_dir>/registry/admin-token
+    heartbeat: float = 15.0  # seconds of silence on a watch stream before ": heartbeat"
+    changes_kept: int = 10_000  # changes kept for watch resume; older `since` gets a snapshot
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return sqlite_url(self.data_dir / "registry" / "registry.db")
+
+    def resolved_admin_token_file(self) -> Path:
+        return self.admin_token_file or self.data_dir / "registry" / "admin-token"
+
+
+class RegistryStartError(Exception):
+    """The registry cannot start; the message is one line for the command line."""
+
+
+class RunningRegistry:
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        state: RegistryState,
+        *,
+        host: str,
+        port: int,
+        admin_token: str,
+        admin_token_file: Path,
+        fanout: PostgresFanout | None,
+    ) -> None:
+        self._runner = runner
+        self.state = state
+        self.port = port
+        self.url = f"http://{_url_host(host)}:{port}"
+        self.admin_token = admin_token
+        self.admin_token_file = admin_token_file
+        self._fanout = fanout
+        self._stopped = False
+
+    @property
+    def app(self) -> web.Application:
+        return self._runner.app
+
+    @property
+    def store(self) -> ServiceStore:
+        return self.state.store
+
+    async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self.state.notifier.close()  # ends every watch stream at once
+        if self._fanout is not None:
+            await self._fanout.stop()
+        await self._runner.cleanup()
+        await self.state.engine.dispose()
+
+
+def _url_host(host: str) -> str:
+    if host in ("", "0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def build_app(state: RegistryState, authenticator: Authenticator) -> web.Application:
+    app = web.Application(
+        client_max_size=MAX_BODY,
+        middlewares=[middleware.measured, middleware.problems, authenticator.middleware()],
+    )
+    app[STATE] = state
+    add_status_routes(app)
+    add_api_routes(app)
+    return app
+
+
+async def _open_database(url: str) -> AsyncEngine:
+    try:
+        engine = make_engine(url)
+    except (ArgumentError, ImportError) as exc:
+        raise RegistryStartError(f"database URL {_safe(url)}: {exc}") from None
+    try:
+        await migrate(engine)
+    except (OSError, SQLAlchemyError) as exc:
+        await engine.dispose()
+        reason = str(exc).splitlines()[0]
+        raise RegistryStartError(f"cannot prepare the database {_safe(url)}: {reason}") from None
+    return engine
+
+
+def _safe(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(unparseable URL)"
+
+
+async def start_registry(settings: RegistrySettings) -> RunningRegistry:
+    """Migrate the database, then listen; raises RegistryStartError (or OSError for the port)."""
+    if settings.heartbeat <= 0:
+        raise RegistryStartError("heartbeat must be greater than zero")
+    if settings.changes_kept < 1:
+        raise RegistryStartError("changes_kept must be at least 1")
+    token_file = settings.resolved_admin_token_file()
+    try:
+        admin_token = load_or_create_admin_token(token_file)
+    except AdminTokenError as exc:
+        raise RegistryStartError(str(exc)) from None
+    url = settings.resolved_database_url()
+    if not settings.database_url:
+        (settings.data_dir / "registry").mkdir(parents=True, exist_ok=True, mode=0o700)
+    engine = await _open_database(url)
+
+    notifier = Notifier()
+    store = ServiceStore(engine, changes_kept=settings.changes_kept, on_commit=notifier.publish)
+    notifier.publish(await store.revision())
+    metrics = RegistryMetrics()
+    metrics.revision.set_function(lambda: notifier.revision)
+    state = RegistryState(engine, store, notifier, metrics, settings.heartbeat, openapi_bytes())
+    state.migrated = True
+    fanout = None
+    authenticator = Authenticator([AdminTokenVerifier(admin_token)])
+    # Watch streams end at once on stop (the notifier closes them); 5 s is for slow writers.
+    runner = web.AppRunner(build_app(state, authenticator), shutdown_timeout=5.0)
+    try:
+        if is_postgresql(engine):
+            fanout = PostgresFanout(engine, notifier.publish, store.revision)
+            await fanout.start()
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+    except BaseException:
+        if fanout is not None:
+            await fanout.stop()
+        await runner.cleanup()
+        await engine.dispose()
+        raise
+    port = runner.addresses[0][1]
+    return RunningRegistry(
+        runner,
+        state,
+        host=settings.host,
+        port=port,
+        admin_token=admin_token,
+        admin_token_file=token_file,
+        fanout=fanout,
+    )
+
+
+async def serve(settings: RegistrySettings) -> None:
+    """Run until SIGINT or SIGTERM."""
+    running = await start_registry(settings)
+    log.info(
+        "registry listening on %s (revision %d); admin token in %s",
+        running.url,
+        running.state.notifier.revision,
+        running.admin_token_file,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await running.stop()
+
+
+def run(settings: RegistrySettings) -> None:
+    """`cityplane registry`: blocks until SIGINT/SIGTERM. Raises RegistryStartError with a
+    one-line message when the database or the token file is unusable, OSError when the port is
+    taken."""
+    asyncio.run(serve(settings))

@@ -1,0 +1,294 @@
+"""The OpenAPI 3.1 document of the admin API, built once at start.
+
+The `CityService` schema is `cityplane.schema.service_json_schema()` itself; only its `$defs`
+move to `components/schemas` (a `#/$defs/…` pointer inside an OpenAPI document would resolve
+against the document's root, where nothing is).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cityplane.schema import service_json_schema
+from registry.lifecycle import LIFECYCLES, TransitionRequest
+
+_JSON = "application/json"
+_PROBLEM = "application/problem+json"
+
+
+def _hoist(schema: dict[str, Any], into: dict[str, Any]) -> dict[str, Any]:
+    """Move `$defs` into `into` and point every `$ref` at `#/components/schemas/…`."""
+    text = json.dumps(schema).replace('"#/$defs/', '"#/components/schemas/')
+    moved: dict[str, Any] = json.loads(text)
+    for name, definition in moved.pop("$defs", {}).items():
+        if name in into:
+            raise ValueError(f"two schemas named {name!r} in the OpenAPI document")
+        into[name] = definition
+    return moved
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _content(schema: dict[str, Any], media_type: str = _JSON) -> dict[str, Any]:
+    return {"content": {media_type: {"schema": schema}}}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, **_content(_ref("Problem"), _PROBLEM)}
+
+
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_IF_MATCH = {
+    "name": "If-Match",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": 'the resourceVersion the change expects, as "<rv>" (or *)',
+}
+_REVISION = {"X-CityPlane-Revision": {"schema": {"type": "string"}}}
+_DOC_BODY = {
+    "required": True,
+    "content": {
+        _JSON: {"schema": _ref("CityService")},
+        "application/yaml": {"schema": _ref("CityService")},
+    },
+}
+_ERRORS = {
+    "400": _problem("malformed JSON or YAML, or a bad query parameter"),
+    "401": _problem("no token, or a token that is not valid"),
+}
+_WRITE_ERRORS = {
+    **_ERRORS,
+    "409": _problem("resourceVersion mismatch, or the name exists"),
+    "413": _problem("body over 1 MiB"),
+    "415": _problem("neither JSON nor YAML"),
+    "422": {"description": "invalid document", **_content(_ref("InvalidDocument"), _PROBLEM)},
+}
+
+
+def _doc(description: str, status: str = "200", etag: bool = True) -> dict[str, Any]:
+    headers = dict(_REVISION)
+    if etag:
+        headers["ETag"] = {"schema": {"type": "string"}}
+    return {
+        status: {"description": description, "headers": headers, **_content(_ref("CityService"))}
+    }
+
+
+def _paths() -> dict[str, Any]:
+    list_params = [
+        {"name": "lifecycle", "in": "query", "schema": {"enum": list(LIFECYCLES)}},
+        {"name": "owner", "in": "query", "schema": {"type": "string"}},
+        {
+            "name": "label",
+            "in": "query",
+            "schema": {"type": "array", "items": {"type": "string", "pattern": "^[^=]+=.*$"}},
+            "style": "form",
+            "explode": True,
+            "description": "key=value; repeat to require several labels",
+        },
+    ]
+    open_to_all: dict[str, Any] = {
+        path: {
+            "get": {"summary": summary, "security": [], "responses": {"200": {"description": "ok"}}}
+        }
+        for path, summary in (
+            ("/healthz", "Live"),
+            ("/readyz", "Ready: migrated and the database answers (503 otherwise)"),
+            ("/metrics", "Prometheus metrics"),
+            ("/openapi.json", "This document"),
+        )
+    }
+    return {
+        **open_to_all,
+        "/v1/services": {
+            "get": {
+                "summary": "List services (sorted by name)",
+                "parameters": list_params,
+                "responses": {
+                    "200": {"description": "services", **_content(_ref("ServiceList"))},
+                    **_ERRORS,
+                },
+            },
+            "post": {
+                "summary": "Create a service",
+                "requestBody": _DOC_BODY,
+                "responses": {**_doc("created", "201"), **_WRITE_ERRORS},
+            },
+        },
+        "/v1/services/{name}": {
+            "parameters": [_NAME],
+            "get": {
+                "summary": "Read a service",
+                "responses": {**_doc("the service"), **_ERRORS, "404": _problem("no such service")},
+            },
+            "put": {
+                "summary": "Create or replace a service (identical document: no new revision)",
+                "parameters": [_IF_MATCH],
+                "requestBody": _DOC_BODY,
+                "responses": {**_doc("replaced"), **_doc("created", "201"), **_WRITE_ERRORS},
+            },
+            "delete": {
+                "summary": "Delete a service",
+                "parameters": [_IF_MATCH],
+                "responses": {
+                    **_doc("the service as it was", etag=False),
+                    **_ERRORS,
+                    "404": _problem("no such service"),
+                    "409": _problem("resourceVersion mismatch"),
+                },
+            },
+        },
+        "/v1/services/{name}/lifecycle": {
+            "parameters": [_NAME],
+            "post": {
+                "summary": "Move a service through draft → published → deprecated → retired",
+                "parameters": [_IF_MATCH],
+                "requestBody": {"required": True, **_content(_ref("TransitionRequest"))},
+                "responses": {
+                    **_doc("the service after the transition"),
+                    **_WRITE_ERRORS,
+                    "404": _problem("no such service"),
+                },
+            },
+        },
+        "/v1/snapshot": {
+            "get": {
+                "summary": "Every service and the revision they are at",
+                "responses": {
+                    "200": {"description": "snapshot", **_content(_ref("Snapshot"))},
+                    **_ERRORS,
+                },
+            }
+        },
+        "/v1/audit": {
+            "get": {
+                "summary": "Audit log, newest first",
+                "parameters": [
+                    {"name": "service", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": 1000,
+                            "default": 100,
+                        },
+                    },
+                ],
+                "responses": {
+                    "200": {"description": "entries", **_content(_ref("AuditList"))},
+                    **_ERRORS,
+                },
+            }
+        },
+        "/v1/watch": {
+            "get": {
+                "summary": "Server-Sent Events: a snapshot or the changes after `since`, then live",
+                "parameters": [
+                    {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "event stream",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    **_ERRORS,
+                    "409": _problem("since is newer than the registry's revision"),
+                },
+            }
+        },
+    }
+
+
+def _own_schemas() -> dict[str, Any]:
+    documents = {"type": "array", "items": _ref("CityService")}
+    problem = {
+        "type": "object",
+        "properties": {
+            "type": {"type": "string"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "instance": {"type": "string"},
+        },
+    }
+    return {
+        "ServiceList": {
+            "type": "object",
+            "properties": {"revision": {"type": "integer"}, "items": documents},
+            "required": ["revision", "items"],
+        },
+        "Snapshot": {
+            "type": "object",
+            "properties": {"revision": {"type": "integer"}, "services": documents},
+            "required": ["revision", "services"],
+        },
+        "AuditEntry": {
+            "type": "object",
+            "properties": {
+                "revision": {"type": "integer"},
+                "at": {"type": "string", "format": "date-time"},
+                "actor": {"type": "string"},
+                "action": {"enum": ["create", "update", "lifecycle", "delete"]},
+                "service": {"type": "string"},
+                "before": {"anyOf": [_ref("CityService"), {"type": "null"}]},
+                "after": {"anyOf": [_ref("CityService"), {"type": "null"}]},
+            },
+        },
+        "AuditList": {
+            "type": "object",
+            "properties": {"items": {"type": "array", "items": _ref("AuditEntry")}},
+        },
+        "Problem": problem,
+        "InvalidDocument": {
+            "allOf": [
+                _ref("Problem"),
+                {
+                    "type": "object",
+                    "properties": {
+                        "errors": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "field": {"type": "string"},
+                                    "message": {"type": "string"},
+                                },
+                                "required": ["field", "message"],
+                            },
+                        }
+                    },
+                },
+            ]
+        },
+    }
+
+
+def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
+    schemas: dict[str, Any] = {}
+    schemas["CityService"] = _hoist(service_json_schema(), schemas)
+    schemas["TransitionRequest"] = _hoist(TransitionRequest.model_json_schema(), schemas)
+    for name, schema in _own_schemas().items():
+        if name in schemas:
+            raise ValueError(f"two schemas named {name!r} in the OpenAPI document")
+        schemas[name] = schema
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "CityPlane registry admin API", "version": version},
+        "security": [{"bearer": []}],
+        "paths": _paths(),
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def openapi_bytes() -> bytes:
+    return json.dumps(openapi_document(), separators=(",", ":")).encode()
