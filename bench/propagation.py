@@ -52,6 +52,7 @@ async def _until_served(http: ClientSession, url: str) -> float:
 
 async def run(gateways: int, changes: int, database_url: str | None) -> dict[str, object]:
     work = Path(tempfile.mkdtemp(prefix="cityplane-propagation-"))
+
     async def ok(_: web.Request) -> web.Response:
         return web.Response(text="ok")
 
