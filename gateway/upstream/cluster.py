@@ -111,6 +111,13 @@ class UpstreamCluster:
         budget = max(self._min_retry, int(self.active_requests * self._budget_ratio))
         return self.active_retries < budget
 
+    def _count_retry(self, retrying: bool) -> bool:
+        """Book one more attempt; a request counts once in the budget however often it retries."""
+        self._retries.inc()
+        if not retrying:
+            self.active_retries += 1
+        return True
+
     async def send(
         self,
         method: str,
@@ -179,10 +186,7 @@ class UpstreamCluster:
                     can_retry = not exc.request_sent or method in IDEMPOTENT
                     if not last and can_retry and replayable and self._retry_allowed():
                         exclude = target
-                        self._retries.inc()
-                        if not retrying:
-                            retrying = True
-                            self.active_retries += 1
+                        retrying = self._count_retry(retrying)
                         continue
                     if timed_out:
                         raise Problem(
@@ -201,10 +205,7 @@ class UpstreamCluster:
                     if not last and resp.status in RETRYABLE_STATUS and self._retry_allowed():
                         resp.release()
                         exclude = target
-                        self._retries.inc()
-                        if not retrying:
-                            retrying = True
-                            self.active_retries += 1
+                        retrying = self._count_retry(retrying)
                         continue
                 else:
                     if permit is not None:
