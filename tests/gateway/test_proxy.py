@@ -520,3 +520,26 @@ async def test_rate_limited_route_sends_headers_and_429_with_retry_after(
     async with http.get(gw.status_url + "/metrics") as resp:
         text = await resp.text()
     assert 'cityplane_gateway_ratelimit_rejected_total{route="svc/read"} 1.0' in text
+
+
+async def test_retry_budget_can_forbid_retries(upstreams, gateway_factory, http):
+    alive = await upstreams("alive")
+    dead = await upstreams("dead")
+    await dead.stop()
+    retries = {"attempts": 2, "budgetPercent": 0, "minRetryConcurrency": 0}
+    gw = await gateway_factory(
+        [
+            service(
+                "svc",
+                [dead.url, alive.url],
+                [bus_route()],
+                upstream={"circuitBreaker": None, "retries": retries},
+            )
+        ]
+    )
+    statuses = []
+    for _ in range(4):
+        async with http.get(gw.url + "/bus/x") as resp:
+            statuses.append(resp.status)
+    # Round-robin alternates: every request sent to the dead target fails without a retry.
+    assert sorted(statuses) == [200, 200, 502, 502]
