@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import signal
 import socket
 from pathlib import Path
@@ -175,6 +176,9 @@ async def _demo(args: argparse.Namespace) -> None:
 
     data_dir: Path = args.data_dir.resolve()
     (data_dir / "demo-city").mkdir(parents=True, exist_ok=True)
+    # The console is for what to try; the gateway's access log goes to a file, and the
+    # registry's per-request lines would drown the rest.
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     runners = []
     bus_urls = []
     for name in ("bus-a", "bus-b"):
