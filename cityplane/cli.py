@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
@@ -98,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--otlp-endpoint", default=_env("OTLP_ENDPOINT"))
     gw.add_argument("--max-body", type=int, default=_int_env("MAX_BODY", 10 * 1024 * 1024))
     gw.add_argument("--watch-interval", type=float, default=1.0, help="0 disables file watching")
+    gw.add_argument(
+        "--issuer",
+        metavar="URL",
+        default=_env("ISSUER"),
+        help="identity hub whose access tokens routes with 'auth' accept (JWKS by discovery)",
+    )
+    gw.add_argument(
+        "--jwks-url", metavar="URL", default=_env("JWKS_URL"), help="JWKS URL (skips discovery)"
+    )
+    gw.add_argument(
+        "--audience", metavar="AUD", default=_env("AUDIENCE"), help="required 'aud' of tokens"
+    )
 
     reg = sub.add_parser("registry", help="run the registry (control plane)")
     _add_server_args(reg, 8090)
@@ -204,6 +217,14 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
             raise CliError(f"--config {p}: no such file or directory", EXIT_CONFIG)
     if args.status_port == args.port:
         raise CliError("--status-port must differ from --port", EXIT_USAGE)
+    if args.jwks_url and not args.issuer:
+        raise CliError(
+            "--jwks-url needs --issuer too: a token's 'iss' must match it (RFC 9068 §4)",
+            EXIT_USAGE,
+        )
+    for flag, url in (("--issuer", args.issuer), ("--jwks-url", args.jwks_url)):
+        if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
+            raise CliError(f"{flag} {url!r} is not an http(s) URL with a host", EXIT_USAGE)
     return GatewaySettings(
         config=list(args.config),
         host=args.host,
@@ -214,6 +235,9 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
         trusted_proxies=list(args.trusted_proxy),
         access_log=args.access_log,
         otlp_endpoint=args.otlp_endpoint,
+        issuer=args.issuer,
+        jwks_url=args.jwks_url,
+        audience=args.audience,
         watch_interval=args.watch_interval,
         limits=GatewayLimits(max_body=args.max_body),
         registry_url=args.registry,
@@ -228,12 +252,19 @@ def _check_config(settings: Any) -> None:
         return  # the registry validated every document it accepted
     from cityplane.documents import DocumentError, load_documents
     from gateway.compiler import Compiler, ConfigError, PolicyContext
+    from gateway.jwks import TokenVerifier
     from gateway.policies.ratelimit_store import LocalStore
 
+    # Routes with auth compile against a verifier that is never started: no key is fetched here.
+    verifier = (
+        TokenVerifier(settings.issuer, jwks_url=settings.jwks_url, audience=settings.audience)
+        if settings.issuer
+        else None
+    )
     try:
         services = load_documents(settings.config)
         local = LocalStore()
-        Compiler(PolicyContext(local, local)).compile(services)
+        Compiler(PolicyContext(local, local, token_verifier=verifier)).compile(services)
     except (DocumentError, ConfigError) as exc:
         raise CliError(f"invalid config: {exc}", EXIT_CONFIG) from None
 

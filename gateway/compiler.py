@@ -14,6 +14,8 @@ from datetime import UTC
 from email.utils import format_datetime
 
 from cityplane.schema import CityService, Route
+from gateway.jwks import TokenVerifier
+from gateway.policies.auth import AuthPolicy
 from gateway.policies.base import Policy
 from gateway.policies.ratelimit import RateLimitPolicy
 from gateway.policies.ratelimit_store import LocalStore, RateLimitStore
@@ -33,6 +35,7 @@ class PolicyContext:
     ratelimit_store: RateLimitStore
     local_store: LocalStore
     shared_breakers: SharedBreakerState | None = None
+    token_verifier: TokenVerifier | None = None  # set when the gateway knows a token issuer
 
 
 @dataclass
@@ -97,13 +100,19 @@ class Compiler:
     def _policies(self, service: str, route: Route) -> tuple[Policy, ...]:
         chain: list[Policy] = []
         route_id = f"{service}/{route.name}"
-        if route.auth is not None and route.auth.required:
-            # Placeholder until the identity hub lands (issue #3): refuse to serve a route
-            # whose protection we cannot enforce rather than serve it unprotected.
-            raise ConfigError(
-                f"service {service!r} route {route.name!r}: 'auth' needs the identity hub's "
-                "token validation, which this gateway version does not have yet"
-            )
+        if route.auth is not None:
+            # First in the chain: later policies (rateLimit key "consumer") see the identity.
+            verifier = self.ctx.token_verifier
+            if verifier is None:
+                # Refuse to serve a route whose protection we cannot enforce.
+                raise ConfigError(
+                    f"service {service!r} route {route.name!r} has 'auth' but the gateway has "
+                    "no token issuer: set --issuer URL (or CITYPLANE_ISSUER)"
+                )
+            try:
+                chain.append(AuthPolicy(route_id, route.auth, verifier))
+            except ValueError as exc:
+                raise ConfigError(f"service {service!r} route {route.name!r}: {exc}") from None
         if route.rateLimit is not None:
             chain.append(
                 RateLimitPolicy(

@@ -26,6 +26,13 @@ UPSTREAM_ERRORS = Counter(
     ["service", "kind"],
 )
 RETRIES = Counter("cityplane_gateway_retries_total", "Upstream attempts retried.", ["service"])
+REJECTED = Counter(
+    "cityplane_gateway_rejected_total",
+    "Requests the gateway answered itself with an error, by route and problem type "
+    "(token-required, invalid-token, insufficient-scope, insufficient-user-authentication, "
+    "rate-limited, circuit-open, upstream-timeout, ...).",
+    ["route", "reason"],
+)
 RATELIMIT_REJECTED = Counter(
     "cityplane_gateway_ratelimit_rejected_total",
     "Requests rejected with 429 by a rate limit.",

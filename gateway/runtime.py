@@ -25,6 +25,7 @@ from gateway import metrics
 from gateway.accesslog import AccessLog
 from gateway.compiler import Compiler, ConfigError, PolicyContext
 from gateway.forwarding import TrustedProxies
+from gateway.jwks import TokenVerifier
 from gateway.policies.ratelimit_store import LocalStore, RedisStore
 from gateway.registry_source import RegistrySource
 from gateway.routing import RoutingTable
@@ -52,6 +53,11 @@ class GatewaySettings:
     trusted_proxies: list[str] = field(default_factory=list)
     access_log: str = "stdout"  # "stdout" | "off" | a file path
     otlp_endpoint: str | None = None
+    # Access tokens (routes with `auth`): the identity hub's issuer URL; its JWKS is found by
+    # OpenID Connect Discovery unless jwks_url is given; audience is the expected `aud`.
+    issuer: str | None = None
+    jwks_url: str | None = None
+    audience: str | None = None
     watch_interval: float = 1.0  # seconds between config file checks; 0 disables
     drain_timeout: float = 30.0
     reuse_port: bool = False
@@ -68,6 +74,7 @@ class Gateway:
         self._tasks: list[asyncio.Task[Any]] = []
         self._rl_store: RedisStore | None = None
         self._shared: SharedBreakerState | None = None
+        self.verifier: TokenVerifier | None = None
         self._listener: asyncio.base_events.Server | None = None
         self._server: Any = None
         self._status: web.AppRunner | None = None
@@ -109,11 +116,21 @@ class Gateway:
                 )
             )
             await self._shared.start()
-        self.compiler = Compiler(PolicyContext(store, local, self._shared))
+        if s.issuer:
+            self.verifier = TokenVerifier(s.issuer, jwks_url=s.jwks_url, audience=s.audience)
+        elif s.jwks_url:
+            raise ConfigError("a JWKS URL needs the issuer too (tokens' iss is checked)")
+        self.compiler = Compiler(
+            PolicyContext(store, local, self._shared, token_verifier=self.verifier)
+        )
         services = await self.source.load()
         self.revision = self.source.revision or 1
         result = self.compiler.compile(services, revision=self.revision)
         metrics.CONFIG_REVISION.set(self.revision)
+        if self.verifier is not None:
+            # Keys are fetched now; if the hub is down the gateway starts anyway (routes with
+            # auth answer 503 token-keys-unavailable) and keeps trying in the background.
+            await self.verifier.start()
         for cluster in result.started:
             await cluster.start()
         metrics.CONFIG_ROUTES.set(len(result.table))
@@ -196,6 +213,8 @@ class Gateway:
             await self._status.cleanup()
         if self._shared is not None:
             await self._shared.close()
+        if self.verifier is not None:
+            await self.verifier.close()
         if self._rl_store is not None:
             await self._rl_store.close()
         self.tracing.shutdown()

@@ -149,6 +149,7 @@ class RequestPath:
         self._loop = asyncio.get_running_loop()
         self._counters: dict[tuple[str, str, int], Any] = {}
         self._durations: dict[tuple[str, str], Any] = {}
+        self._rejected: dict[tuple[str, str], Any] = {}
         self.in_flight = 0
 
     async def close(self) -> None:
@@ -258,6 +259,11 @@ class RequestPath:
             return resp
         except Problem as problem:
             status = problem.status
+            reason_key = (route.route_id if route is not None else "-", problem.slug)
+            rejected = self._rejected.get(reason_key)
+            if rejected is None:
+                rejected = self._rejected[reason_key] = metrics.REJECTED.labels(*reason_key)
+            rejected.inc()
             resp = problem_response(problem, request_id)
             if route is not None:
                 for name, value in route.response_headers:

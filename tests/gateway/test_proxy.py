@@ -543,3 +543,20 @@ async def test_retry_budget_can_forbid_retries(upstreams, gateway_factory, http)
             statuses.append(resp.status)
     # Round-robin alternates: every request sent to the dead target fails without a retry.
     assert sorted(statuses) == [200, 200, 502, 502]
+
+
+async def test_rejections_are_counted_by_route_and_reason(upstreams, gateway_factory, http):
+    up = await upstreams()
+    gw = await gateway_factory([service("svc", [up.url], [bus_route()])])
+    line = 'cityplane_gateway_rejected_total{reason="no-route",route="-"} '
+
+    async def counted() -> float:
+        async with http.get(gw.status_url + "/metrics") as resp:
+            text = await resp.text()
+        found = [ln for ln in text.splitlines() if ln.startswith(line)]
+        return float(found[0].removeprefix(line)) if found else 0.0
+
+    before = await counted()
+    async with http.get(gw.url + "/nowhere") as resp:
+        assert resp.status == 404
+    assert await counted() == before + 1
