@@ -8,6 +8,7 @@ generated from :func:`service_json_schema`). Field names are camelCase, Kubernet
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -25,6 +26,8 @@ from pydantic import (
 
 API_VERSION = "cityplane.io/v1alpha1"
 
+MIN_DURATION = 0.001
+MAX_DURATION = 10 * 365 * 24 * 3600.0  # ten years: anything longer is a typo
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -39,15 +42,17 @@ def parse_duration(value: Any) -> float:
         seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
     else:
         raise ValueError(f"{value!r} is not a duration (use e.g. '1s', '250ms', '2m')")
-    if seconds <= 0:
-        raise ValueError("a duration must be greater than zero")
+    if not math.isfinite(seconds) or not MIN_DURATION <= seconds <= MAX_DURATION:
+        raise ValueError(f"a duration must be between 1ms and {MAX_DURATION:.0f}s")
     return seconds
 
 
 def _format_duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    return f"{seconds:g}s"
+    """The shortest text that reads back as (nearly, to the µs) the same duration."""
+    ms = seconds * 1000
+    if seconds < 1 and abs(ms - round(ms)) < 1e-6:
+        return f"{round(ms)}ms"
+    return f"{seconds:.6f}".rstrip("0").rstrip(".") + "s"
 
 
 Duration = Annotated[

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from aiohttp import web
 
+from cityplane.schema import NAME_PATTERN
 from registry.auth import principal
 from registry.bodies import read_model, read_service
 from registry.errors import invalid_document, invalid_query, not_found
 from registry.lifecycle import LIFECYCLES, TransitionRequest
+from registry.query import query_value
 from registry.state import STATE
 from registry.store import Written
 from registry.watch import watch
 
 REVISION_HEADER = "X-CityPlane-Revision"
 AUDIT_LIMIT_MAX = 1000
+_NAME = re.compile(NAME_PATTERN)
 
 
 def _etag(document: dict[str, Any]) -> str:
@@ -25,6 +29,15 @@ def _etag(document: dict[str, Any]) -> str:
 def _answer(written: Written, status: int = 200) -> web.Response:
     headers = {REVISION_HEADER: str(written.revision), "ETag": _etag(written.document)}
     return web.json_response(written.document, status=status, headers=headers)
+
+
+def _existing_name(request: web.Request) -> str:
+    """The `{name}` of a service that must exist: a name the schema refuses cannot, so it is a
+    404 without a query (PostgreSQL would refuse a NUL in it with an error, not an empty row)."""
+    name = request.match_info["name"]
+    if not _NAME.fullmatch(name):
+        raise not_found(name)
+    return name
 
 
 def _labels(values: list[str]) -> list[tuple[str, str]]:
@@ -38,14 +51,13 @@ def _labels(values: list[str]) -> list[tuple[str, str]]:
 
 
 async def list_services(request: web.Request) -> web.Response:
-    query = request.query
-    lifecycle = query.get("lifecycle") or None
+    lifecycle = query_value(request, "lifecycle")
     if lifecycle is not None and lifecycle not in LIFECYCLES:
         raise invalid_query(f"lifecycle={lifecycle!r}: one of {', '.join(LIFECYCLES)}")
     revision, items = await request.app[STATE].store.find(
         lifecycle=lifecycle,
-        owner=query.get("owner") or None,
-        labels=_labels(query.getall("label", [])),
+        owner=query_value(request, "owner") or None,
+        labels=_labels(request.query.getall("label", [])),
     )
     return web.json_response(
         {"revision": revision, "items": items}, headers={REVISION_HEADER: str(revision)}
@@ -53,7 +65,7 @@ async def list_services(request: web.Request) -> web.Response:
 
 
 async def get_service(request: web.Request) -> web.Response:
-    name = request.match_info["name"]
+    name = _existing_name(request)
     document = await request.app[STATE].store.get(name)
     if document is None:
         raise not_found(name)
@@ -89,7 +101,7 @@ async def put_service(request: web.Request) -> web.Response:
 async def delete_service(request: web.Request) -> web.Response:
     state = request.app[STATE]
     written = await state.store.delete(
-        request.match_info["name"],
+        _existing_name(request),
         actor=principal(request).name,
         if_match=request.headers.get("If-Match"),
     )
@@ -99,9 +111,10 @@ async def delete_service(request: web.Request) -> web.Response:
 
 async def transition_service(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    name = _existing_name(request)
     transition = await read_model(request, TransitionRequest)
     written = await state.store.transition(
-        request.match_info["name"],
+        name,
         transition,
         actor=principal(request).name,
         if_match=request.headers.get("If-Match"),
@@ -118,7 +131,8 @@ async def snapshot(request: web.Request) -> web.Response:
 
 
 async def audit_log(request: web.Request) -> web.Response:
-    raw = request.query.get("limit", "100")
+    raw = query_value(request, "limit")
+    raw = "100" if raw is None else raw
     try:
         limit = int(raw)
     except ValueError:
@@ -126,7 +140,7 @@ async def audit_log(request: web.Request) -> web.Response:
     if not 1 <= limit <= AUDIT_LIMIT_MAX:
         raise invalid_query(f"limit={raw!r}: a number from 1 to {AUDIT_LIMIT_MAX}")
     items = await request.app[STATE].store.audit(
-        service=request.query.get("service") or None, limit=limit
+        service=query_value(request, "service") or None, limit=limit
     )
     return web.json_response({"items": items})
 

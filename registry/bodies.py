@@ -2,7 +2,7 @@
 
 Bad input is answered here, at the edge: 400 for bytes that are not JSON/YAML, 413 for a body
 over `MAX_BODY`, 415 for another media type, 422 with `errors: [{field, message}]` for a
-well-formed document that the schema refuses.
+well-formed document that the schema refuses or that the registry could not store and read back.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from registry.errors import (
     too_large,
     unsupported_media_type,
 )
+from registry.models import OWNER_MAX
 
 MAX_BODY = 1024 * 1024
 
@@ -32,6 +33,9 @@ _YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml", 
 _JSON_TYPES = frozenset({"application/json", "application/octet-stream", "text/plain", ""})
 # One line of `cityplane.documents`' messages: "body:12: spec.routes.0.name: unknown field".
 _DOCUMENT_LINE = re.compile(r"^body(?::(?P<line>\d+))?: (?:(?P<field>[\w.-]+): )?(?P<msg>.*)$")
+# A "\ud800" escape (JSON or YAML) decodes to a lone surrogate: not a Unicode character, so no
+# UTF-8 column, answer or watch event can carry it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -62,6 +66,55 @@ def validate(model: type[M], data: Any) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise invalid_document(field_errors(exc)) from None
+
+
+def _bad_text(text: str) -> str | None:
+    if "\x00" in text:
+        return "contains NUL (U+0000), which the registry cannot store"
+    if _SURROGATE.search(text):
+        return "contains a lone surrogate (\\ud800-\\udfff), which is not a Unicode character"
+    return None
+
+
+def _text_errors(value: Any, field: str) -> list[FieldError]:
+    if isinstance(value, str):
+        problem = _bad_text(value)
+        return [{"field": field, "message": problem}] if problem else []
+    errors: list[FieldError] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problem = _bad_text(key)
+            if problem:
+                errors.append({"field": field, "message": f"the key {key!r} {problem}"})
+            errors += _text_errors(item, f"{field}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            errors += _text_errors(item, f"{field}.{index}")
+    return errors
+
+
+def _check_storable(service: CityService) -> None:
+    """Refuse a document the store could not write, or could write but not read back."""
+    document = stored_form(service)
+    errors = [e for key in document for e in _text_errors(document[key], key)]
+    owner = service.spec.owner
+    if owner is not None and len(owner) > OWNER_MAX:
+        errors.append({"field": "spec.owner", "message": f"at most {OWNER_MAX} characters"})
+    if errors:
+        raise invalid_document(errors)
+    try:
+        CityService.model_validate(document)
+    except ValidationError as exc:
+        # The schema writes some values it accepts in a form it refuses (under 0.5 ms a duration
+        # becomes "0ms", 1e6 s "1e+06s"). Stored, such a document fails every later PUT, and the
+        # gateway refuses any snapshot that holds it.
+        normalized = (item["input"] for item in exc.errors(include_url=False))
+        raise invalid_document(
+            [
+                {"field": e["field"], "message": f"{e['message']} (normalized to {value!r})"}
+                for e, value in zip(field_errors(exc), normalized, strict=True)
+            ]
+        ) from None
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -148,10 +201,13 @@ async def read_service(request: web.Request) -> CityService:
     media_type = _media_type(request)
     body = await read_body(request)
     if media_type in _YAML_TYPES:
-        return _parse_yaml_service(_text(body))
-    if media_type in _JSON_TYPES or media_type.endswith("+json"):
-        return validate(CityService, parse_json(body))
-    raise unsupported_media_type(media_type)
+        service = _parse_yaml_service(_text(body))
+    elif media_type in _JSON_TYPES or media_type.endswith("+json"):
+        service = validate(CityService, parse_json(body))
+    else:
+        raise unsupported_media_type(media_type)
+    _check_storable(service)
+    return service
 
 
 async def read_model(request: web.Request, model: type[M]) -> M:

@@ -22,6 +22,8 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
+OWNER_MAX = 253  # characters of `spec.owner` the owner column holds (a DNS-name-sized org id)
+
 # JSON null (not SQL NULL) would make "no document" ambiguous; store SQL NULL instead.
 Document = JSON(none_as_null=True)
 
@@ -33,7 +35,7 @@ services = Table(
     # The global revision of this service's last write; served as metadata.resourceVersion.
     Column("resource_version", BigInteger, nullable=False),
     Column("lifecycle", String(16), nullable=False, index=True),
-    Column("owner", String(253), nullable=True, index=True),
+    Column("owner", String(OWNER_MAX), nullable=True, index=True),
     Column("labels", JSON, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False),

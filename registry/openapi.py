@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from cityplane.schema import service_json_schema
+from cityplane.schema import API_VERSION, NAME_PATTERN, service_json_schema
 from registry.lifecycle import LIFECYCLES, TransitionRequest
+from registry.store import ADDED, DELETED, MODIFIED
 
 _JSON = "application/json"
 _PROBLEM = "application/problem+json"
@@ -40,7 +41,14 @@ def _problem(description: str) -> dict[str, Any]:
     return {"description": description, **_content(_ref("Problem"), _PROBLEM)}
 
 
-_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_NAME = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    # A name the schema refuses cannot exist: GET, DELETE and lifecycle answer 404, PUT 422.
+    "schema": {"type": "string", "pattern": NAME_PATTERN},
+    "example": "bus",
+}
 _IF_MATCH = {
     "name": "If-Match",
     "in": "header",
@@ -48,17 +56,37 @@ _IF_MATCH = {
     "schema": {"type": "string"},
     "description": 'the resourceVersion the change expects, as "<rv>" (or *)',
 }
-_REVISION = {"X-CityPlane-Revision": {"schema": {"type": "string"}}}
+_REVISION = {"X-CityPlane-Revision": {"schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+# A document the registry accepts, for readers (and fuzzers, which mix examples into what they
+# send); tests/registry/test_registry_fuzz.py sends it.
+EXAMPLE_SERVICE = {
+    "apiVersion": API_VERSION,
+    "kind": "CityService",
+    "metadata": {"name": "bus", "labels": {"team": "transport"}},
+    "spec": {
+        "version": "v2",
+        "owner": "transport",
+        "upstream": {
+            "targets": [{"url": "http://bus.internal:8080"}],
+            "timeouts": {"request": "5s"},
+        },
+        "routes": [{"name": "departures", "match": {"pathPrefix": "/bus/v2/", "methods": ["GET"]}}],
+    },
+}
+EXAMPLE_TRANSITION = {"to": "deprecated", "sunset": "2099-12-31T00:00:00Z"}
 _DOC_BODY = {
     "required": True,
     "content": {
-        _JSON: {"schema": _ref("CityService")},
+        _JSON: {"schema": _ref("CityService"), "example": EXAMPLE_SERVICE},
         "application/yaml": {"schema": _ref("CityService")},
     },
 }
 _ERRORS = {
     "400": _problem("malformed JSON or YAML, or a bad query parameter"),
-    "401": _problem("no token, or a token that is not valid"),
+    "401": {
+        **_problem("no token, or a token that is not valid"),
+        "headers": {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
+    },
 }
 _WRITE_ERRORS = {
     **_ERRORS,
@@ -67,6 +95,12 @@ _WRITE_ERRORS = {
     "415": _problem("neither JSON nor YAML"),
     "422": {"description": "invalid document", **_content(_ref("InvalidDocument"), _PROBLEM)},
 }
+
+
+def _created() -> dict[str, Any]:
+    created = _doc("created", "201")
+    created["201"]["headers"]["Location"] = {"required": True, "schema": {"type": "string"}}
+    return created
 
 
 def _doc(description: str, status: str = "200", etag: bool = True) -> dict[str, Any]:
@@ -80,7 +114,11 @@ def _doc(description: str, status: str = "200", etag: bool = True) -> dict[str, 
 
 def _paths() -> dict[str, Any]:
     list_params = [
-        {"name": "lifecycle", "in": "query", "schema": {"enum": list(LIFECYCLES)}},
+        {
+            "name": "lifecycle",
+            "in": "query",
+            "schema": {"type": "string", "enum": list(LIFECYCLES)},
+        },
         {"name": "owner", "in": "query", "schema": {"type": "string"}},
         {
             "name": "label",
@@ -91,15 +129,40 @@ def _paths() -> dict[str, Any]:
             "description": "key=value; repeat to require several labels",
         },
     ]
-    open_to_all: dict[str, Any] = {
-        path: {
-            "get": {"summary": summary, "security": [], "responses": {"200": {"description": "ok"}}}
+    status = _content(
+        {
+            "type": "object",
+            "properties": {"status": {"type": "string"}, "revision": {"type": "integer"}},
+            "required": ["status"],
         }
-        for path, summary in (
-            ("/healthz", "Live"),
-            ("/readyz", "Ready: migrated and the database answers (503 otherwise)"),
-            ("/metrics", "Prometheus metrics"),
-            ("/openapi.json", "This document"),
+    )
+    open_to_all: dict[str, Any] = {
+        path: {"get": {"summary": summary, "security": [], "responses": responses}}
+        for path, summary, responses in (
+            ("/healthz", "Live", {"200": {"description": "live", **status}}),
+            (
+                "/readyz",
+                "Ready: migrated and the database answers",
+                {
+                    "200": {"description": "ready, at this revision", **status},
+                    "503": {"description": "starting, stopping or no database", **status},
+                },
+            ),
+            (
+                "/metrics",
+                "Prometheus metrics",
+                {
+                    "200": {
+                        "description": "text format",
+                        **_content({"type": "string"}, "text/plain"),
+                    }
+                },
+            ),
+            (
+                "/openapi.json",
+                "This document",
+                {"200": {"description": "OpenAPI 3.1", **_content({"type": "object"})}},
+            ),
         )
     }
     return {
@@ -109,14 +172,18 @@ def _paths() -> dict[str, Any]:
                 "summary": "List services (sorted by name)",
                 "parameters": list_params,
                 "responses": {
-                    "200": {"description": "services", **_content(_ref("ServiceList"))},
+                    "200": {
+                        "description": "services",
+                        "headers": _REVISION,
+                        **_content(_ref("ServiceList")),
+                    },
                     **_ERRORS,
                 },
             },
             "post": {
                 "summary": "Create a service",
                 "requestBody": _DOC_BODY,
-                "responses": {**_doc("created", "201"), **_WRITE_ERRORS},
+                "responses": {**_created(), **_WRITE_ERRORS},
             },
         },
         "/v1/services/{name}": {
@@ -147,7 +214,12 @@ def _paths() -> dict[str, Any]:
             "post": {
                 "summary": "Move a service through draft → published → deprecated → retired",
                 "parameters": [_IF_MATCH],
-                "requestBody": {"required": True, **_content(_ref("TransitionRequest"))},
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        _JSON: {"schema": _ref("TransitionRequest"), "example": EXAMPLE_TRANSITION}
+                    },
+                },
                 "responses": {
                     **_doc("the service after the transition"),
                     **_WRITE_ERRORS,
@@ -159,7 +231,11 @@ def _paths() -> dict[str, Any]:
             "get": {
                 "summary": "Every service and the revision they are at",
                 "responses": {
-                    "200": {"description": "snapshot", **_content(_ref("Snapshot"))},
+                    "200": {
+                        "description": "snapshot",
+                        "headers": _REVISION,
+                        **_content(_ref("Snapshot")),
+                    },
                     **_ERRORS,
                 },
             }
@@ -191,12 +267,21 @@ def _paths() -> dict[str, Any]:
                 "summary": "Server-Sent Events: a snapshot or the changes after `since`, then live",
                 "parameters": [
                     {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "schema": {"type": "string", "pattern": "^[0-9]*$"},
+                        "description": "wins over `since` (an EventSource reconnecting); "
+                        "empty is the same as absent",
+                    },
                 ],
                 "responses": {
                     "200": {
-                        "description": "event stream",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        # OpenAPI 3.1 has no item schema for streams; like the tools that read
+                        # event streams, `schema` here describes one event.
+                        "description": "event stream; `schema` is one event",
+                        "headers": _REVISION,
+                        **_content(_ref("WatchEvent"), "text/event-stream"),
                     },
                     **_ERRORS,
                     "409": _problem("since is newer than the registry's revision"),
@@ -218,7 +303,34 @@ def _own_schemas() -> dict[str, Any]:
             "instance": {"type": "string"},
         },
     }
+
+    def event(kind: str, data: str) -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": {
+                "event": {"const": kind},
+                "id": {"type": "string", "pattern": "^[0-9]+$"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": _ref(data),
+                },
+            },
+            "required": ["event", "id", "data"],
+        }
+
     return {
+        "Change": {
+            "type": "object",
+            "properties": {
+                "revision": {"type": "integer"},
+                "type": {"enum": [ADDED, MODIFIED, DELETED]},
+                "name": {"type": "string"},
+                "service": {"anyOf": [_ref("CityService"), {"type": "null"}]},
+            },
+            "required": ["revision", "type", "name", "service"],
+        },
+        "WatchEvent": {"oneOf": [event("snapshot", "Snapshot"), event("change", "Change")]},
         "ServiceList": {
             "type": "object",
             "properties": {"revision": {"type": "integer"}, "items": documents},

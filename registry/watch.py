@@ -16,6 +16,7 @@ from aiohttp import web
 from sqlalchemy.exc import SQLAlchemyError
 
 from registry.errors import invalid_query, revision_from_the_future
+from registry.query import query_value
 from registry.state import STATE, RegistryState
 
 log = logging.getLogger(__name__)
@@ -30,19 +31,25 @@ def _event(kind: str, revision: int, data: dict[str, Any]) -> bytes:
     return f"event: {kind}\nid: {revision}\ndata: {payload}\n\n".encode()
 
 
+def _revision(name: str, raw: str) -> int:
+    if raw.startswith("-") and raw[1:].isdigit():
+        raise invalid_query(f"{name!r} cannot be negative")
+    # ASCII digits only: int() also takes " 7", "+7", "7_0" and the digits of other scripts.
+    if raw.isascii() and raw.isdigit():
+        try:
+            return int(raw)
+        except ValueError:  # more digits than int() converts
+            pass
+    raise invalid_query(f"{name!r} must be a revision number, got {raw!r}")
+
+
 def requested_since(request: web.Request) -> int | None:
+    raw = query_value(request, "since")
+    since = None if raw is None else _revision("since", raw)  # checked even when not used
     # A reconnecting EventSource repeats its original URL and adds Last-Event-ID, which is the
     # newer of the two; so Last-Event-ID wins.
-    raw = request.headers.get("Last-Event-ID") or request.query.get("since")
-    if raw is None:
-        return None
-    try:
-        since = int(raw)
-    except ValueError:
-        raise invalid_query(f"'since' must be a revision number, got {raw!r}") from None
-    if since < 0:
-        raise invalid_query("'since' cannot be negative")
-    return since
+    last_event_id = request.headers.get("Last-Event-ID")
+    return _revision("Last-Event-ID", last_event_id) if last_event_id else since
 
 
 class WatchStream:

@@ -101,3 +101,21 @@ def test_documents_round_trip_through_json() -> None:
     [doc] = parse_documents(GOOD)
     again = CityService.model_validate(doc.service.model_dump(mode="json"))
     assert again == doc.service
+
+
+@pytest.mark.parametrize("value", ["0.0001s", "0s", "1e300", float("inf"), "99999999999s", True])
+def test_durations_out_of_range_are_refused(value: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize("text", ["1ms", "250ms", "1.5ms", "1s", "1.25s", "1234567s", "2m", "90s"])
+def test_durations_read_back_after_writing(text: str) -> None:
+    from pydantic import TypeAdapter
+
+    from cityplane.schema import Duration
+
+    adapter = TypeAdapter(Duration)
+    seconds = adapter.validate_python(text)
+    written = adapter.dump_python(seconds, mode="json")
+    assert adapter.validate_python(written) == pytest.approx(seconds, abs=1e-6)

@@ -150,3 +150,126 @@ async def test_random_bodies_never_get_a_server_error(api: Api) -> None:
                 )
                 assert 400 <= reply.status < 500, (method, body[:30], reply.body[:200])
     await assert_nothing_written(api)
+
+
+# --- found by fuzzing the admin API (test_registry_fuzz.py) and probing what it found ---------
+
+
+async def test_a_name_that_cannot_exist_is_404_without_asking_the_database(api: Api) -> None:
+    # PostgreSQL refuses a NUL in a text parameter: this was a 500 there.
+    for method, path in (
+        ("GET", "/v1/services/a%00b"),
+        ("DELETE", "/v1/services/a%00b"),
+        ("POST", "/v1/services/a%00b/lifecycle"),
+        ("GET", "/v1/services/Bus"),
+    ):
+        reply = await api.request(method, path, json={"to": "published"})
+        assert reply.status == 404 and reply.problem_type == "not-found", (method, path)
+    put = await api.put("/v1/services/a%00b", json=document("bus"))
+    assert put.status == 422 and put.json["errors"][0]["field"] == "metadata.name"
+    await assert_nothing_written(api)
+
+
+async def test_a_nul_in_a_query_parameter_is_400(api: Api) -> None:
+    for path in ("/v1/services?owner=a%00", "/v1/audit?service=a%00", "/v1/services?lifecycle=%00"):
+        reply = await api.get(path)
+        assert reply.status == 400 and reply.problem_type == "invalid-query", path
+
+
+async def test_a_query_parameter_that_takes_one_value_is_400_when_repeated_or_empty(
+    api: Api,
+) -> None:
+    # `lifecycle=&lifecycle=null` listed every service.
+    for path in (
+        "/v1/services?lifecycle=&lifecycle=null",
+        "/v1/services?lifecycle=draft&lifecycle=retired",
+        "/v1/services?lifecycle=",
+        "/v1/services?owner=a&owner=b",
+        "/v1/audit?limit=1&limit=2",
+        "/v1/audit?limit=",
+        "/v1/watch?since=0&since=1",
+    ):
+        reply = await api.get(path)
+        assert reply.status == 400 and reply.problem_type == "invalid-query", path
+
+
+async def test_since_is_checked_even_when_last_event_id_wins(api: Api) -> None:
+    # int() would also take "+1" and "1_0".
+    for query, last_event_id in (("?since=-1", "0"), ("?since=x", "0"), ("", "+1"), ("", "1_0")):
+        reply = await api.get("/v1/watch" + query, headers={"Last-Event-ID": last_event_id})
+        assert reply.status == 400 and reply.problem_type == "invalid-query", (query, last_event_id)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        # A NUL: PostgreSQL cannot store one in the owner column (a 500), nor anywhere in text.
+        ({"spec": {"owner": "transport\u0000"}}, "spec.owner"),
+        ({"metadata": {"annotations": {"note": "a\u0000b"}}}, "metadata.annotations.note"),
+        ({"metadata": {"labels": {"team\u0000": "x"}}}, "metadata.labels"),
+        # A lone surrogate: not UTF-8 encodable. In the owner column it was a 500 on both
+        # databases; in an annotation it was stored and then ended every watch stream that
+        # had to send it, snapshot or change, at once and again on every reconnect.
+        ({"spec": {"owner": "\ud800"}}, "spec.owner"),
+        ({"metadata": {"annotations": {"note": "\udfff"}}}, "metadata.annotations.note"),
+    ],
+)
+async def test_text_the_registry_cannot_store_or_send_is_422(
+    api: Api, change: dict, field: str
+) -> None:
+    doc = document("bus")
+    doc["metadata"].update(change.get("metadata", {}))
+    doc["spec"].update(change.get("spec", {}))
+    reply = await api.post("/v1/services", json=doc)
+    assert reply.status == 422 and reply.problem_type == "invalid-document", reply.body[:300]
+    assert reply.json["errors"][0]["field"] == field
+    await assert_nothing_written(api)
+    async with api.watch() as events:
+        assert (await events.next()).event == "snapshot"
+
+
+async def test_yaml_escapes_that_make_text_the_registry_cannot_store_are_422(api: Api) -> None:
+    body = yaml.safe_dump(document("bus"))
+    body = body.replace("name: bus\n", 'name: bus\n  annotations: {n: "a\\0b"}\n', 1)
+    reply = await api.post("/v1/services", data=body, headers={"Content-Type": "application/yaml"})
+    assert reply.status == 422, reply.body[:300]
+    assert reply.json["errors"][0]["field"] == "metadata.annotations.n"
+    await assert_nothing_written(api)
+
+
+async def test_an_owner_longer_than_the_owner_column_is_422(api: Api) -> None:
+    # PostgreSQL refused it with a 500 (varchar(253)); SQLite stored it.
+    reply = await api.post("/v1/services", json=document("bus", owner="o" * 254))
+    assert reply.status == 422 and reply.json["errors"][0]["field"] == "spec.owner"
+    assert (await api.post("/v1/services", json=document("bus", owner="o" * 253))).status == 201
+
+
+@pytest.mark.parametrize("timeouts", [{"connect": "0.0001s"}, {"connect": 1e300}])
+async def test_a_duration_out_of_range_is_422(api: Api, timeouts: dict) -> None:
+    # Before durations had bounds, such a value was stored in a form the schema refused when
+    # read back: every later PUT of the service was a 500 and the gateway refused the snapshot.
+    doc = document("bus")
+    doc["spec"]["upstream"]["timeouts"] = timeouts
+    reply = await api.post("/v1/services", json=doc)
+    assert reply.status == 422 and reply.problem_type == "invalid-document"
+    error = reply.json["errors"][0]
+    assert error["field"] == f"spec.upstream.timeouts.{next(iter(timeouts))}"
+    await assert_nothing_written(api)
+
+
+async def test_a_long_duration_is_stored_in_a_form_that_reads_back(api: Api) -> None:
+    doc = document("bus")
+    doc["spec"]["upstream"]["timeouts"] = {"request": "1234567s"}
+    assert (await api.post("/v1/services", json=doc)).status == 201
+    again = await api.get("/v1/services/bus")
+    assert again.json["spec"]["upstream"]["timeouts"]["request"] == "1234567s"
+    assert (await api.put("/v1/services/bus", json=again.json)).status == 200
+
+
+async def test_an_infinite_duration_is_422(api: Api) -> None:
+    body = json.dumps(document("bus")).replace(
+        '"targets"', '"timeouts": {"connect": 1e999}, "targets"'
+    )
+    reply = await api.post("/v1/services", data=body, headers={"Content-Type": "application/json"})
+    assert reply.status == 422, reply.body[:300]
+    await assert_nothing_written(api)
