@@ -129,8 +129,24 @@ class CircuitBreaker(Strict):
 LoadBalancing = Literal["round-robin", "least-request", "consistent-hash"]
 
 
+class InstancePolicy(Strict):
+    """Instances register themselves with the registry and heartbeat (Consul/Nacos style)."""
+
+    ttl: Duration = Field(default=15.0, description="missed heartbeats this long: unhealthy")
+    removeAfter: Duration = Field(default=60.0, description="missed heartbeats this long: removed")
+
+    @model_validator(mode="after")
+    def _remove_after_ttl(self) -> InstancePolicy:
+        if self.removeAfter <= self.ttl:
+            raise ValueError("removeAfter must be longer than ttl")
+        return self
+
+
 class Upstream(Strict):
-    targets: list[Target] = Field(min_length=1)
+    targets: list[Target] = Field(
+        default_factory=list,
+        description="static targets; at least one unless `instances` is set",
+    )
     loadBalancing: LoadBalancing = "round-robin"
     hashOn: str = Field(
         default="ip",
@@ -140,6 +156,18 @@ class Upstream(Strict):
     timeouts: Timeouts = Timeouts()
     retries: Retries = Retries()
     circuitBreaker: CircuitBreaker | None = CircuitBreaker()
+    instances: InstancePolicy | None = Field(
+        default=None, description="let instances register themselves with a TTL heartbeat"
+    )
+
+    @model_validator(mode="after")
+    def _some_targets(self) -> Upstream:
+        if not self.targets and self.instances is None:
+            raise ValueError(
+                "targets must list at least one target unless instances is set "
+                "(instances register themselves)"
+            )
+        return self
 
     @field_validator("hashOn")
     @classmethod

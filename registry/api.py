@@ -1,4 +1,5 @@
-"""The admin API under `/v1` (docs/registry-api.md): services, lifecycle, snapshot, audit."""
+"""The admin API under `/v1` (docs/registry-api.md): services, lifecycle, instances, snapshot,
+audit."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from cityplane.schema import NAME_PATTERN
 from registry.auth import principal
 from registry.bodies import read_model, read_service
 from registry.errors import invalid_document, invalid_query, not_found
+from registry.instances import INSTANCE_ID_PATTERN, InstanceRegistration
 from registry.lifecycle import LIFECYCLES, TransitionRequest
 from registry.query import query_value
 from registry.state import STATE
@@ -20,6 +22,7 @@ from registry.watch import watch
 REVISION_HEADER = "X-CityPlane-Revision"
 AUDIT_LIMIT_MAX = 1000
 _NAME = re.compile(NAME_PATTERN)
+_INSTANCE_ID = re.compile(INSTANCE_ID_PATTERN)
 
 
 def _etag(document: dict[str, Any]) -> str:
@@ -123,6 +126,37 @@ async def transition_service(request: web.Request) -> web.Response:
     return _answer(written)
 
 
+def _instance_id(request: web.Request) -> str:
+    instance = request.match_info["id"]
+    if not _INSTANCE_ID.fullmatch(instance):
+        raise invalid_query(f"instance id {instance!r}: 1 to 128 of A-Z a-z 0-9 . _ -")
+    return instance
+
+
+async def register_instance(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    name = _existing_name(request)
+    instance = _instance_id(request)
+    body = await read_model(request, InstanceRegistration)
+    view, revision, created = await state.store.register(name, instance, body.url, body.weight)
+    return web.json_response(
+        view, status=201 if created else 200, headers={REVISION_HEADER: str(revision)}
+    )
+
+
+async def deregister_instance(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    name = _existing_name(request)
+    instance = _instance_id(request)
+    revision = await state.store.deregister(name, instance)
+    return web.Response(status=204, headers={REVISION_HEADER: str(revision)})
+
+
+async def list_instances(request: web.Request) -> web.Response:
+    items = await request.app[STATE].store.instances(_existing_name(request))
+    return web.json_response({"items": items})
+
+
 async def snapshot(request: web.Request) -> web.Response:
     revision, services = await request.app[STATE].store.snapshot()
     return web.json_response(
@@ -153,6 +187,9 @@ def add_api_routes(app: web.Application) -> None:
     app.router.add_put(one, put_service)
     app.router.add_delete(one, delete_service)
     app.router.add_post(one + "/lifecycle", transition_service)
+    app.router.add_get(one + "/instances", list_instances)
+    app.router.add_put(one + "/instances/{id}", register_instance)
+    app.router.add_delete(one + "/instances/{id}", deregister_instance)
     app.router.add_get("/v1/snapshot", snapshot)
     app.router.add_get("/v1/audit", audit_log)
     app.router.add_get("/v1/watch", watch, allow_head=False)  # a HEAD would hold a stream open

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class RegistrySettings:
     admin_token_file: Path | None = None  # None: <data_dir>/registry/admin-token
     heartbeat: float = 15.0  # seconds of silence on a watch stream before ": heartbeat"
     changes_kept: int = 10_000  # changes kept for watch resume; older `since` gets a snapshot
+    reap_interval: float = 1.0  # seconds between looks for instances that missed their TTL
 
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -69,6 +71,7 @@ class RunningRegistry:
         admin_token: str,
         admin_token_file: Path,
         fanout: PostgresFanout | None,
+        reaper: asyncio.Task[None] | None = None,
     ) -> None:
         self._runner = runner
         self.state = state
@@ -77,6 +80,7 @@ class RunningRegistry:
         self.admin_token = admin_token
         self.admin_token_file = admin_token_file
         self._fanout = fanout
+        self._reaper = reaper
         self._stopped = False
 
     @property
@@ -91,6 +95,10 @@ class RunningRegistry:
         if self._stopped:
             return
         self._stopped = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
         self.state.notifier.close()  # ends every watch stream at once
         if self._fanout is not None:
             await self._fanout.stop()
@@ -102,6 +110,16 @@ def _url_host(host: str) -> str:
     if host in ("", "0.0.0.0", "::"):
         return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
+
+
+async def _reap(store: ServiceStore, interval: float) -> None:
+    """Expire and remove instances that stopped heartbeating, every `interval` seconds."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await store.reap()
+        except Exception:  # a dead reaper would leave dead instances routed forever
+            log.exception("the instance reaper failed; trying again")
 
 
 def build_app(state: RegistryState, authenticator: Authenticator) -> web.Application:
@@ -142,6 +160,8 @@ async def start_registry(settings: RegistrySettings) -> RunningRegistry:
         raise RegistryStartError("heartbeat must be greater than zero")
     if settings.changes_kept < 1:
         raise RegistryStartError("changes_kept must be at least 1")
+    if settings.reap_interval <= 0:
+        raise RegistryStartError("reap_interval must be greater than zero")
     token_file = settings.resolved_admin_token_file()
     try:
         admin_token = load_or_create_admin_token(token_file)
@@ -177,6 +197,7 @@ async def start_registry(settings: RegistrySettings) -> RunningRegistry:
         await engine.dispose()
         raise
     port = runner.addresses[0][1]
+    reaper = asyncio.create_task(_reap(store, settings.reap_interval), name="instance-reaper")
     return RunningRegistry(
         runner,
         state,
@@ -185,6 +206,7 @@ async def start_registry(settings: RegistrySettings) -> RunningRegistry:
         admin_token=admin_token,
         admin_token_file=token_file,
         fanout=fanout,
+        reaper=reaper,
     )
 
 

@@ -16,6 +16,18 @@ def not_found(name: str) -> Problem:
     return Problem(404, "not-found", f"service {name!r} does not exist")
 
 
+def instance_not_found(name: str, instance: str) -> Problem:
+    return Problem(404, "not-found", f"instance {instance!r} of service {name!r} does not exist")
+
+
+def instances_not_enabled(name: str) -> Problem:
+    return Problem(
+        409,
+        "instances-not-enabled",
+        f"service {name!r} does not let instances register: set spec.upstream.instances",
+    )
+
+
 def conflict(detail: str) -> Problem:
     return Problem(409, "conflict", detail)
 

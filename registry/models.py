@@ -10,10 +10,12 @@ from __future__ import annotations
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
     Index,
+    Integer,
     MetaData,
     SmallInteger,
     String,
@@ -74,4 +76,17 @@ audit = Table(
     Column("before", Document, nullable=True),
     Column("after", Document, nullable=True),
     Index("audit_service_revision", "service", "revision"),
+)
+
+# Instances that registered themselves (`spec.upstream.instances`); rows go with their service.
+instances = Table(
+    "instances",
+    metadata,
+    Column("service", String(63), primary_key=True),
+    Column("id", String(128), primary_key=True),
+    Column("url", String(2048), nullable=False),
+    Column("weight", Integer, nullable=False),
+    Column("registered_at", DateTime(timezone=True), nullable=False),
+    Column("last_seen", DateTime(timezone=True), nullable=False),
+    Column("healthy", Boolean, nullable=False),
 )

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from cityplane.schema import API_VERSION, NAME_PATTERN, service_json_schema
+from registry.instances import INSTANCE_ACTIONS, INSTANCE_ID_PATTERN, InstanceRegistration
 from registry.lifecycle import LIFECYCLES, TransitionRequest
 from registry.store import ADDED, DELETED, MODIFIED
 
@@ -72,6 +73,14 @@ EXAMPLE_SERVICE = {
         },
         "routes": [{"name": "departures", "match": {"pathPrefix": "/bus/v2/", "methods": ["GET"]}}],
     },
+}
+EXAMPLE_INSTANCE = {"url": "http://10.0.0.5:8080", "weight": 1}
+_INSTANCE_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": INSTANCE_ID_PATTERN},
+    "example": "bus-7f9c.1",
 }
 EXAMPLE_TRANSITION = {"to": "deprecated", "sunset": "2099-12-31T00:00:00Z"}
 _DOC_BODY = {
@@ -227,9 +236,60 @@ def _paths() -> dict[str, Any]:
                 },
             },
         },
+        "/v1/services/{name}/instances": {
+            "parameters": [_NAME],
+            "get": {
+                "summary": "The instances registered for a service, healthy or not",
+                "responses": {
+                    "200": {"description": "instances", **_content(_ref("InstanceList"))},
+                    **_ERRORS,
+                    "404": _problem("no such service"),
+                    "409": _problem("the service does not set spec.upstream.instances"),
+                },
+            },
+        },
+        "/v1/services/{name}/instances/{id}": {
+            "parameters": [_NAME, _INSTANCE_ID],
+            "put": {
+                "summary": "Register an instance, or heartbeat it (within its ttl)",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        _JSON: {
+                            "schema": _ref("InstanceRegistration"),
+                            "example": EXAMPLE_INSTANCE,
+                        }
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "heartbeat (or an update of url/weight)",
+                        "headers": _REVISION,
+                        **_content(_ref("Instance")),
+                    },
+                    "201": {
+                        "description": "registered",
+                        "headers": _REVISION,
+                        **_content(_ref("Instance")),
+                    },
+                    **_WRITE_ERRORS,
+                    "404": _problem("no such service"),
+                    "409": _problem("the service does not set spec.upstream.instances"),
+                },
+            },
+            "delete": {
+                "summary": "Deregister an instance",
+                "responses": {
+                    "204": {"description": "deregistered", "headers": _REVISION},
+                    **_ERRORS,
+                    "404": _problem("no such service or instance"),
+                    "409": _problem("the service does not set spec.upstream.instances"),
+                },
+            },
+        },
         "/v1/snapshot": {
             "get": {
-                "summary": "Every service and the revision they are at",
+                "summary": "Every service as gateways route it, and the revision they are at",
                 "responses": {
                     "200": {
                         "description": "snapshot",
@@ -347,11 +407,27 @@ def _own_schemas() -> dict[str, Any]:
                 "revision": {"type": "integer"},
                 "at": {"type": "string", "format": "date-time"},
                 "actor": {"type": "string"},
-                "action": {"enum": ["create", "update", "lifecycle", "delete"]},
+                "action": {"enum": ["create", "update", "lifecycle", "delete", *INSTANCE_ACTIONS]},
                 "service": {"type": "string"},
                 "before": {"anyOf": [_ref("CityService"), {"type": "null"}]},
                 "after": {"anyOf": [_ref("CityService"), {"type": "null"}]},
             },
+        },
+        "Instance": {
+            "type": "object",
+            "properties": {
+                "id": {"type": "string", "pattern": INSTANCE_ID_PATTERN},
+                "url": {"type": "string"},
+                "weight": {"type": "integer"},
+                "healthy": {"type": "boolean"},
+                "lastSeen": {"type": "string", "format": "date-time"},
+            },
+            "required": ["id", "url", "weight", "healthy", "lastSeen"],
+        },
+        "InstanceList": {
+            "type": "object",
+            "properties": {"items": {"type": "array", "items": _ref("Instance")}},
+            "required": ["items"],
         },
         "AuditList": {
             "type": "object",
@@ -386,6 +462,7 @@ def openapi_document(version: str = "0.1.0") -> dict[str, Any]:
     schemas: dict[str, Any] = {}
     schemas["CityService"] = _hoist(service_json_schema(), schemas)
     schemas["TransitionRequest"] = _hoist(TransitionRequest.model_json_schema(), schemas)
+    schemas["InstanceRegistration"] = _hoist(InstanceRegistration.model_json_schema(), schemas)
     for name, schema in _own_schemas().items():
         if name in schemas:
             raise ValueError(f"two schemas named {name!r} in the OpenAPI document")

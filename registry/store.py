@@ -11,20 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Row, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from cityplane.schema import CityService
+from cityplane.problem import Problem
+from cityplane.schema import CityService, InstancePolicy
 from registry import lifecycle
 from registry.bodies import stored_form
 from registry.engine import is_postgresql, writer
-from registry.errors import conflict, not_found
-from registry.models import audit, changes, revision, services
+from registry.errors import conflict, instance_not_found, instances_not_enabled, not_found
+from registry.models import audit, changes, instances, revision, services
 
 NOTIFY_CHANNEL = "cityplane_registry"
 ADDED, MODIFIED, DELETED = "ADDED", "MODIFIED", "DELETED"
@@ -35,6 +36,34 @@ def served(document: dict[str, Any], resource_version: int) -> dict[str, Any]:
     """A stored document as clients see it: with `metadata.resourceVersion`."""
     metadata = {**document["metadata"], "resourceVersion": str(resource_version)}
     return {**document, "metadata": metadata}
+
+
+def instance_policy(document: dict[str, Any] | None) -> InstancePolicy | None:
+    """`spec.upstream.instances` of a stored document, or None when instances may not register."""
+    if document is None:
+        return None
+    raw = document["spec"]["upstream"].get("instances")
+    return None if raw is None else InstancePolicy.model_validate(raw)
+
+
+def effective(document: dict[str, Any], healthy: Sequence[Row[Any]]) -> dict[str, Any]:
+    """What gateways route to: the stored targets plus the healthy registered instances."""
+    upstream = document["spec"]["upstream"]
+    if "instances" not in upstream:
+        return document
+    targets = [*upstream.get("targets", []), *({"url": r.url, "weight": r.weight} for r in healthy)]
+    spec = {**document["spec"], "upstream": {**upstream, "targets": targets}}
+    return {**document, "spec": spec}
+
+
+def instance_view(row: Row[Any]) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "url": row.url,
+        "weight": row.weight,
+        "healthy": bool(row.healthy),
+        "lastSeen": _utc(row.last_seen).isoformat().replace("+00:00", "Z"),
+    }
 
 
 def _utc(value: datetime) -> datetime:
@@ -184,7 +213,40 @@ class ServiceStore:
         ]
 
     async def snapshot(self) -> tuple[int, list[dict[str, Any]]]:
-        return await self.find()
+        """Every service as gateways route it: stored targets plus healthy instances."""
+        query = select(services.c.document, services.c.resource_version, services.c.name)
+        healthy_query = (
+            select(instances)
+            .where(instances.c.healthy.is_(True))
+            .order_by(instances.c.service, instances.c.registered_at, instances.c.id)
+        )
+        async with self._snapshot_reader.connect() as conn, conn.begin():
+            head = await _head(conn)
+            rows = (await conn.execute(query.order_by(services.c.name))).all()
+            healthy: dict[str, list[Row[Any]]] = {}
+            for row in (await conn.execute(healthy_query)).all():
+                healthy.setdefault(row.service, []).append(row)
+        return head, [
+            served(effective(r.document, healthy.get(r.name, [])), r.resource_version) for r in rows
+        ]
+
+    async def instances(self, name: str) -> list[dict[str, Any]]:
+        async with self._snapshot_reader.connect() as conn, conn.begin():
+            document = (
+                await conn.execute(select(services.c.document).where(services.c.name == name))
+            ).scalar_one_or_none()
+            if document is None:
+                raise not_found(name)
+            if instance_policy(document) is None:
+                raise instances_not_enabled(name)
+            rows = (
+                await conn.execute(
+                    select(instances)
+                    .where(instances.c.service == name)
+                    .order_by(instances.c.registered_at, instances.c.id)
+                )
+            ).all()
+        return [instance_view(r) for r in rows]
 
     async def changes_after(self, after: int, limit: int = 1000) -> list[Change]:
         query = (
@@ -282,39 +344,229 @@ class ServiceStore:
             rev = head + 1
             after = served(intent.document, rev) if intent.document is not None else None
             before = current.served() if current is not None else None
-            await conn.execute(update(revision).where(revision.c.id == 1).values(value=rev))
             await self._write_service(conn, name, intent.document, rev, current, now)
-            await conn.execute(
-                insert(changes).values(
-                    revision=rev,
-                    name=name,
-                    type=_CHANGE_TYPE[intent.action],
-                    document=after,
-                    at=now,
-                )
-            )
-            await conn.execute(
-                insert(audit).values(
-                    revision=rev,
-                    at=now,
-                    actor=actor,
-                    action=intent.action,
-                    service=name,
-                    before=before,
-                    after=after,
-                )
-            )
-            if rev > self.changes_kept:
-                await conn.execute(
-                    delete(changes).where(changes.c.revision <= rev - self.changes_kept)
-                )
-            if self._notify:
-                # Delivered by PostgreSQL at commit, to every replica's LISTEN connection.
-                await conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, str(rev))))
+            routed = after
+            if instance_policy(intent.document) is None:
+                # Deleted, or instances no longer allowed: registered instances go with it.
+                await conn.execute(delete(instances).where(instances.c.service == name))
+            elif after is not None:
+                routed = effective(after, await _healthy(conn, name))
+            change = (_CHANGE_TYPE[intent.action], routed)
+            await self._record(conn, rev, name, change, actor, intent.action, before, after, now)
         self._on_commit(rev)
         document = after if after is not None else before
         assert document is not None
         return Written(document, rev, created=current is None)
+
+    async def _record(
+        self,
+        conn: AsyncConnection,
+        rev: int,
+        name: str,
+        change: tuple[str, dict[str, Any] | None],
+        actor: str,
+        action: str,
+        before: dict[str, Any] | None,
+        after: dict[str, Any] | None,
+        now: datetime,
+    ) -> None:
+        """Bump the revision to `rev`, append the change (for watchers) and the audit row."""
+        change_type, routed = change
+        await conn.execute(update(revision).where(revision.c.id == 1).values(value=rev))
+        await conn.execute(
+            insert(changes).values(
+                revision=rev, name=name, type=change_type, document=routed, at=now
+            )
+        )
+        await conn.execute(
+            insert(audit).values(
+                revision=rev,
+                at=now,
+                actor=actor,
+                action=action,
+                service=name,
+                before=before,
+                after=after,
+            )
+        )
+        if rev > self.changes_kept:
+            await conn.execute(delete(changes).where(changes.c.revision <= rev - self.changes_kept))
+        if self._notify:
+            # Delivered by PostgreSQL at commit, to every replica's LISTEN connection.
+            await conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, str(rev))))
+
+    # --- instances --------------------------------------------------------------------------
+
+    async def register(
+        self, name: str, instance: str, url: str, weight: int
+    ) -> tuple[dict[str, Any], int, bool]:
+        """Register or heartbeat one instance: (instance, revision, created). A heartbeat that
+        changes nothing only moves `last_seen` (no revision, no change)."""
+        key = (instances.c.service == name) & (instances.c.id == instance)
+        async with self._one_writer:
+            now = datetime.now(UTC)
+            # The common case first, without the revision lock: a healthy instance, as it was.
+            async with self._writer.begin() as conn:
+                seen = await conn.execute(
+                    update(instances)
+                    .where(key, instances.c.healthy.is_(True))
+                    .where(instances.c.url == url, instances.c.weight == weight)
+                    .values(last_seen=now)
+                )
+                if seen.rowcount == 1:
+                    row = (await conn.execute(select(instances).where(key))).one()
+                    return instance_view(row), await _head(conn), False
+            created = False
+            view: dict[str, Any] = {}
+
+            async def mutate(conn: AsyncConnection, _policy: InstancePolicy) -> bool:
+                nonlocal created, view
+                row = (await conn.execute(select(instances).where(key))).first()
+                if row is None:
+                    created = True
+                    await conn.execute(
+                        insert(instances).values(
+                            service=name,
+                            id=instance,
+                            url=url,
+                            weight=weight,
+                            registered_at=now,
+                            last_seen=now,
+                            healthy=True,
+                        )
+                    )
+                else:
+                    await conn.execute(
+                        update(instances)
+                        .where(key)
+                        .values(url=url, weight=weight, last_seen=now, healthy=True)
+                    )
+                view = instance_view((await conn.execute(select(instances).where(key))).one())
+                return row is None or not row.healthy or row.url != url or row.weight != weight
+
+            rev, _ = await self._membership_locked(
+                name, instance, now, mutate, lambda: "register" if created else "heartbeat"
+            )
+            return view, rev, created
+
+    async def deregister(self, name: str, instance: str) -> int:
+        key = (instances.c.service == name) & (instances.c.id == instance)
+
+        async def mutate(conn: AsyncConnection, _policy: InstancePolicy) -> bool:
+            if (await conn.execute(delete(instances).where(key))).rowcount != 1:
+                raise instance_not_found(name, instance)
+            return True
+
+        async with self._one_writer:
+            now = datetime.now(UTC)
+            rev, _ = await self._membership_locked(
+                name, instance, now, mutate, lambda: "deregister"
+            )
+            return rev
+
+    async def reap(self) -> int:
+        """Mark instances that missed their TTL unhealthy, remove those past `removeAfter`.
+        Safe on every replica: each update is conditional, so only one of them changes a row
+        (and bumps the revision). Returns the number of instances changed here."""
+        now = datetime.now(UTC)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(select(instances))).all()
+            if not rows:
+                return 0
+            names = sorted({r.service for r in rows})
+            documents = dict(
+                (
+                    await conn.execute(
+                        select(services.c.name, services.c.document).where(
+                            services.c.name.in_(names)
+                        )
+                    )
+                ).all()
+            )
+        due = []
+        for row in rows:
+            policy = instance_policy(documents.get(row.service))
+            if policy is None:
+                continue
+            age = (now - _utc(row.last_seen)).total_seconds()
+            if age > policy.removeAfter or (row.healthy and age > policy.ttl):
+                due.append((row.service, row.id))
+        changed = 0
+        for name, instance in due:
+            try:
+                changed += await self._reap_one(name, instance, now)
+            except Problem:
+                continue  # the service went away or stopped taking instances meanwhile
+        return changed
+
+    async def _reap_one(self, name: str, instance: str, now: datetime) -> bool:
+        key = (instances.c.service == name) & (instances.c.id == instance)
+        what = "expire"
+
+        async def mutate(conn: AsyncConnection, policy: InstancePolicy) -> bool:
+            nonlocal what
+            # Conditional: a heartbeat (or another replica's reaper) that came first wins.
+            removed = await conn.execute(
+                delete(instances).where(
+                    key, instances.c.last_seen < now - timedelta(seconds=policy.removeAfter)
+                )
+            )
+            if removed.rowcount == 1:
+                what = "remove"
+                return True
+            expired = await conn.execute(
+                update(instances)
+                .where(key, instances.c.healthy.is_(True))
+                .where(instances.c.last_seen < now - timedelta(seconds=policy.ttl))
+                .values(healthy=False)
+            )
+            return bool(expired.rowcount == 1)
+
+        async with self._one_writer:
+            _, changed = await self._membership_locked(name, instance, now, mutate, lambda: what)
+        return changed
+
+    async def _membership_locked(
+        self,
+        name: str,
+        instance: str,
+        now: datetime,
+        mutate: Callable[[AsyncConnection, InstancePolicy], Awaitable[bool]],
+        action: Callable[[], str],
+    ) -> tuple[int, bool]:
+        """One instance change of `name` in one transaction; when `mutate` says the
+        membership changed: a new revision, a MODIFIED change with the effective document and
+        an audit row (actor `instance:<id>`). Returns the revision (the current one if not)."""
+        async with self._writer.begin() as conn:
+            head = await _head(conn, lock=True)
+            row = (await conn.execute(select(services).where(services.c.name == name))).first()
+            current = _current(row)
+            if current is None:
+                raise not_found(name)
+            policy = instance_policy(current.document)
+            if policy is None:
+                raise instances_not_enabled(name)
+            before = await _healthy(conn, name)
+            if not await mutate(conn, policy):
+                return head, False
+            after = await _healthy(conn, name)
+            rev = head + 1
+            rv = current.resource_version
+            routed_before = served(effective(current.document, before), rv)
+            routed_after = served(effective(current.document, after), rv)
+            await self._record(
+                conn,
+                rev,
+                name,
+                (MODIFIED, routed_after),
+                f"instance:{instance}",
+                action(),
+                routed_before,
+                routed_after,
+                now,
+            )
+        self._on_commit(rev)
+        return rev, True
 
     @staticmethod
     async def _write_service(
@@ -348,6 +600,15 @@ async def _head(conn: AsyncConnection, *, lock: bool = False) -> int:
     if lock:
         query = query.with_for_update()  # a no-op on SQLite, where BEGIN IMMEDIATE already locks
     return int((await conn.execute(query)).scalar_one())
+
+
+async def _healthy(conn: AsyncConnection, name: str) -> list[Row[Any]]:
+    query = (
+        select(instances)
+        .where(instances.c.service == name, instances.c.healthy.is_(True))
+        .order_by(instances.c.registered_at, instances.c.id)
+    )
+    return list((await conn.execute(query)).all())
 
 
 def _current(row: Row[Any] | None) -> Current | None:

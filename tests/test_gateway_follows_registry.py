@@ -177,3 +177,62 @@ async def test_a_change_reaches_three_gateway_processes_within_100ms_p99(upstrea
     p99 = delays[int(len(delays) * 0.99) - 1] * 1000
     print(f"registry commit -> served by all 3 gateways: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
     assert p99 <= 100, delays
+
+
+async def test_gateway_routes_to_self_registered_instances_while_they_heartbeat(
+    upstreams, tmp_path: Path
+):
+    up = await upstreams("city")
+    ttl = 0.5
+    registry = await start_registry(
+        RegistrySettings(port=0, data_dir=tmp_path / "reg", heartbeat=1.0, reap_interval=0.1)
+    )
+    gateway = Gateway(
+        GatewaySettings(
+            port=0,
+            status_port=0,
+            access_log="off",
+            registry_url=registry.url,
+            registry_token=registry.admin_token,
+            state_dir=tmp_path / "gw",
+        )
+    )
+    await gateway.start()
+    auth = {"Authorization": f"Bearer {registry.admin_token}"}
+    instance = f"{registry.url}/v1/services/bus/instances/bus-1"
+    beat = {"url": up.url}
+    try:
+        base = f"http://127.0.0.1:{gateway.port}"
+        async with ClientSession() as http:
+            # No instance yet: the service compiles, with no healthy upstream.
+            await put(
+                http,
+                registry,
+                service(
+                    "bus",
+                    [],
+                    [{"name": "r", "match": {"pathPrefix": "/bus"}}],
+                    upstream={"instances": {"ttl": f"{ttl}s", "removeAfter": "30s"}},
+                ),
+            )
+            await wait_status(http, base + "/bus/1", 503)
+            async with http.get(base + "/bus/1") as resp:
+                assert resp.headers["Retry-After"]
+                assert (await resp.json())["type"].endswith("/no-healthy-upstream")
+
+            async with http.put(instance, json=beat, headers=auth) as resp:
+                assert resp.status == 201, await resp.text()
+            await wait_status(http, base + "/bus/1", 200)
+
+            # Heartbeats stop: the gateway answers 503 within the TTL and about a second.
+            stopped = time.monotonic()
+            await wait_status(http, base + "/bus/1", 503, within=ttl + 1.5)
+            assert time.monotonic() - stopped >= ttl * 0.9
+
+            # It heartbeats again: served again.
+            async with http.put(instance, json=beat, headers=auth) as resp:
+                assert resp.status == 200, await resp.text()
+            await wait_status(http, base + "/bus/1", 200)
+    finally:
+        await gateway.stop()
+        await registry.stop()
