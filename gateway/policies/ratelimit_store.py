@@ -21,7 +21,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _US = 1_000_000
 _SWEEP_BATCH = 64  # keys a hit looks at during a sweep pass
+_MAX_BATCH = 128  # hits per EVALSHA (Redis runs a script alone); a larger batch sends several
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +68,7 @@ def _decide(
 ) -> tuple[bool, int, int]:
     """The sliding-window-counter rule: (allowed, remaining, microseconds until reset).
 
-    The Lua script in :data:`_HIT_SCRIPT` is this function, line for line.
+    The function ``hit`` in the Lua script :data:`_HIT_SCRIPT` is this one, line for line.
     """
     left_us = window_us - elapsed_us
     estimate = previous * left_us / window_us + current
@@ -195,42 +196,49 @@ class LocalStore:
 
 # --- in Redis --------------------------------------------------------------------------------
 
-# KEYS[1] counter hash {w: window index, c: current, p: previous}
-# ARGV limit, window (µs). Returns {allowed, remaining, µs until reset}.
-# Server TIME, so that replicas' clocks do not matter; Redis >= 5 replicates the effects.
+# KEYS[i] counter hash {w: window index, c: current, p: previous}, one per hit in the batch
+# ARGV[2i-1], ARGV[2i] that hit's limit and window (µs). Returns, per key in order,
+# {allowed, remaining, µs until reset}. The keys are decided one after the other, each exactly
+# as a script of its own would (a key may repeat: its later hits see the earlier ones), at one
+# server TIME, so that replicas' clocks do not matter; Redis >= 5 replicates the effects.
 _HIT_SCRIPT = """
-local limit = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local index = math.floor(now / window)
-local s = redis.call('HMGET', KEYS[1], 'w', 'c', 'p')
-local w = tonumber(s[1])
-local current = tonumber(s[2]) or 0
-local previous = tonumber(s[3]) or 0
-if w == nil or w < index - 1 then
-  previous = 0
-  current = 0
-elseif w == index - 1 then
-  previous = current
-  current = 0
-elseif w > index then
-  index = w  -- the clock went back (a failover to a skewed replica): stay in the newer window
+local function hit(key, limit, window)
+  local index = math.floor(now / window)
+  local s = redis.call('HMGET', key, 'w', 'c', 'p')
+  local w = tonumber(s[1])
+  local current = tonumber(s[2]) or 0
+  local previous = tonumber(s[3]) or 0
+  if w == nil or w < index - 1 then
+    previous = 0
+    current = 0
+  elseif w == index - 1 then
+    previous = current
+    current = 0
+  elseif w > index then
+    index = w  -- the clock went back (a failover to a skewed replica): stay in the newer window
+  end
+  local left = window - math.max(0, now - index * window)
+  local estimate = previous * left / window + current
+  if estimate + 1 <= limit then
+    redis.call('HSET', key, 'w', index, 'c', current + 1, 'p', previous)
+    redis.call('PEXPIRE', key, math.max(1, math.ceil(2 * window / 1000)))
+    return {1, math.max(0, math.floor(limit - estimate - 1)), left}
+  end
+  local wait
+  if current + 1 <= limit then
+    wait = left - (limit - 1 - current) * window / previous
+  else
+    wait = left + math.max(0, 1 - (limit - 1) / current) * window
+  end
+  return {0, 0, math.max(1, math.ceil(wait))}
 end
-local left = window - math.max(0, now - index * window)
-local estimate = previous * left / window + current
-if estimate + 1 <= limit then
-  redis.call('HSET', KEYS[1], 'w', index, 'c', current + 1, 'p', previous)
-  redis.call('PEXPIRE', KEYS[1], math.max(1, math.ceil(2 * window / 1000)))
-  return {1, math.max(0, math.floor(limit - estimate - 1)), left}
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = hit(key, tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i]))
 end
-local wait
-if current + 1 <= limit then
-  wait = left - (limit - 1 - current) * window / previous
-else
-  wait = left + math.max(0, 1 - (limit - 1) / current) * window
-end
-return {0, 0, math.max(1, math.ceil(wait))}
+return out
 """
 
 # KEYS[1] members sorted set; ARGV replica id, member ttl (µs). Returns live replicas.
@@ -254,24 +262,33 @@ class _Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
-    async def __call__(self, client: Redis, key: str, *args: Any) -> Any:
+    async def __call__(self, client: Redis, keys: Sequence[str], *args: Any) -> Any:
         try:
-            return await client.evalsha(self.sha, 1, key, *args)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            return await client.eval(self.source, 1, key, *args)
+            return await client.eval(self.source, len(keys), *keys, *args)
 
 
 _HIT = _Script(_HIT_SCRIPT)
 _HEARTBEAT = _Script(_HEARTBEAT_SCRIPT)
 
+# A queued hit: Redis key, limit, window (µs), and the future its caller awaits.
+_Pending = tuple[str, int, int, "asyncio.Future[list[Any]]"]
+
 
 class RedisStore:
     """Counters in Redis, shared by every gateway replica: one script, one round trip.
 
+    Hits that arrive in the same event-loop iteration share that round trip: they are queued,
+    and a flusher started by the first of them sends them all as one EVALSHA over their keys
+    (one atomic decision per key, in arrival order), then answers each caller's future.
+    The command, the reply and the connection checkout are paid once per batch, not per hit:
+    that per-call work was most of the limiter's CPU (docs/adr/0002-rate-limit-algorithm.md).
+
     It sits on the request path, so it fails fast: every call has a ``timeout`` deadline, and
-    after a failure it stops touching Redis (``hit`` raises :class:`StoreUnavailable` at
-    once) while a single background probe PINGs with a back-off of ``backoff`` seconds,
-    doubling up to ``max_backoff``, until Redis answers again.
+    after a failure (which fails every hit of its batch) it stops touching Redis (``hit``
+    raises :class:`StoreUnavailable` at once) while a single background probe PINGs with a
+    back-off of ``backoff`` seconds, doubling up to ``max_backoff``, until Redis answers again.
 
     ``start()`` also runs a heartbeat that registers this replica in ``<prefix>members`` and
     keeps :attr:`replicas` (the number of live replicas) for ``onStoreError: local``.
@@ -307,6 +324,8 @@ class RedisStore:
         self.degraded = False
         self._probe: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._queue: list[_Pending] = []  # hits of this loop iteration, not yet sent
+        self._flushers: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.1, **options: Any) -> RedisStore:
@@ -325,18 +344,56 @@ class RedisStore:
         if self.degraded:
             raise StoreUnavailable("redis is unreachable; waiting for the probe")
         window_us = max(1, round(window * _US))
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        queue = self._queue
+        queue.append((self._prefix + key, limit, window_us, future))
+        if len(queue) == 1:
+            # The first hit of this loop iteration starts the flusher; it runs on the next
+            # iteration, by when every hit of this one has joined the queue.
+            task = asyncio.get_running_loop().create_task(self._flush(queue))
+            self._flushers.add(task)
+            task.add_done_callback(self._flushers.discard)
+        allowed, remaining, reset_us = await future
+        return Decision(bool(allowed), limit, int(remaining), int(reset_us) / _US)
+
+    async def _flush(self, queue: list[_Pending]) -> None:
+        """Send the queued hits in one EVALSHA (per ``_MAX_BATCH``) and answer each waiter."""
+        self._queue = []
         try:
             async with asyncio.timeout(self._timeout):
-                allowed, remaining, reset_us = await _HIT(
-                    self._redis, self._prefix + key, limit, window_us
-                )
-        # Whatever the client raises (connection, timeout, OOM, READONLY, a driver bug), the
-        # request path must get a StoreUnavailable the policy knows how to handle, never a 500.
-        except Exception as exc:
-            self._fail(exc)
+                replies = []
+                # Rarely more than one chunk; in order, so that a key repeated across chunks
+                # is counted in arrival order (concurrent chunks could overtake each other).
+                for i in range(0, len(queue), _MAX_BATCH):
+                    replies += await self._evaluate(queue[i : i + _MAX_BATCH])
+                if len(replies) != len(queue):
+                    raise ValueError(f"{len(replies)} answers to {len(queue)} hits")
+        # Whatever the client raises (connection, timeout, OOM, READONLY, a driver bug), every
+        # waiter must get a StoreUnavailable the policy knows how to handle, never a 500.
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                self._fail(exc)
             detail = str(exc) or f"no answer within {self._timeout:g}s"
-            raise StoreUnavailable(f"redis: {type(exc).__name__}: {detail}") from exc
-        return Decision(bool(allowed), limit, int(remaining), int(reset_us) / _US)
+            message = f"redis: {type(exc).__name__}: {detail}"
+            for *_, future in queue:
+                if not future.done():
+                    error = StoreUnavailable(message)
+                    error.__cause__ = exc
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise  # cancelled (close()): the waiters have their answer, the task stops
+            return
+        for (*_, future), reply in zip(queue, replies, strict=True):
+            if not future.done():  # its caller may have been cancelled meanwhile
+                future.set_result(reply)
+
+    async def _evaluate(self, batch: list[_Pending]) -> list[Any]:
+        keys = [key for key, _, _, _ in batch]
+        args: list[int] = []
+        for _, limit, window_us, _ in batch:
+            args += (limit, window_us)
+        replies: list[Any] = await _HIT(self._redis, keys, *args)
+        return replies
 
     def _fail(self, exc: BaseException) -> None:
         metrics.RATELIMIT_DEGRADED.set(1)
@@ -382,7 +439,7 @@ class RedisStore:
         try:
             async with asyncio.timeout(max(self._timeout, 1.0)):
                 count = await _HEARTBEAT(
-                    self._redis, self._members_key, self.replica_id, self._member_ttl_us
+                    self._redis, (self._members_key,), self.replica_id, self._member_ttl_us
                 )
         except Exception as exc:  # noqa: BLE001 - keep the last known count while Redis is down
             log.debug("rate-limit heartbeat failed: %r", exc)
@@ -397,6 +454,8 @@ class RedisStore:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._heartbeat = self._probe = None
+        if self._flushers:  # batches in flight end within the deadline; let them answer
+            await asyncio.gather(*self._flushers, return_exceptions=True)
         if not self.degraded:
             try:
                 async with asyncio.timeout(max(self._timeout, 1.0)):

@@ -376,6 +376,146 @@ async def test_redis_store_reloads_its_script_after_a_script_flush(
     await client.aclose()
 
 
+async def command_calls(client: Redis) -> dict[str, int]:
+    """Calls per command since the server started (``INFO commandstats``)."""
+    stats = await client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+async def test_concurrent_hits_on_different_keys_cost_one_round_trip(
+    private_redis: RedisServer,
+) -> None:
+    client = fast_client(private_redis.port)
+    store = RedisStore(client, prefix="t:", timeout=0.5)
+    await store.hit("warm-up", 5, 60.0)  # the script is cached, the connection is open
+    sent: list[tuple[Any, ...]] = []
+    execute = client.execute_command
+
+    async def counted(*args: Any, **options: Any) -> Any:
+        sent.append(args)
+        return await execute(*args, **options)
+
+    client.execute_command = counted  # type: ignore[method-assign]
+    before = await command_calls(client)
+    sent.clear()
+    decisions = await asyncio.gather(*(store.hit(f"k{i}", 5, 60.0) for i in range(50)))
+    commands = [args[0] for args in sent]
+    after = await command_calls(client)
+    assert all(d.allowed and d.remaining == 4 for d in decisions)
+    assert commands == ["EVALSHA"]  # one command from the client ...
+    assert after["evalsha"] - before["evalsha"] == 1  # ... and one script run on the server
+    assert after.get("eval", 0) == before.get("eval", 0)
+    assert after.get("hmget", 0) - before.get("hmget", 0) == 50  # each key decided on its own
+    await client.aclose()
+
+
+async def test_decisions_in_a_batch_are_those_of_sequential_hits(
+    shared_redis: tuple[Redis, str],
+) -> None:
+    client, prefix = shared_redis
+    batched = RedisStore(client, prefix=prefix + "batched:", timeout=2.0)
+    sequential = RedisStore(client, prefix=prefix + "sequential:", timeout=2.0)
+    # keys repeat within the batch, with different limits: later hits see the earlier ones
+    calls = [(f"k{i % 7}", 1 + i % 7, 3600.0 if i % 2 else 1800.0) for i in range(60)]
+    await asyncio.sleep(away_from_boundary(3600.0, margin=2.0))
+    together = await asyncio.gather(*(batched.hit(*call) for call in calls))
+    one_by_one = [await sequential.hit(*call) for call in calls]
+    assert [(d.allowed, d.limit, d.remaining) for d in together] == [
+        (d.allowed, d.limit, d.remaining) for d in one_by_one
+    ]
+    assert any(not d.allowed for d in together) and any(d.allowed for d in together)
+    for a, b in zip(together, one_by_one, strict=True):
+        assert a.reset_after == pytest.approx(b.reset_after, abs=0.5)
+
+
+async def test_a_redis_failure_mid_batch_gives_every_waiter_store_unavailable(
+    private_redis: RedisServer,
+) -> None:
+    client = fast_client(private_redis.port)
+    store = RedisStore(client, prefix="t:", timeout=0.5, backoff=60.0)
+    await store.hit("warm-up", 5, 60.0)
+    execute = client.execute_command
+
+    async def dies_on_the_way(*args: Any, **options: Any) -> Any:
+        await private_redis.kill()  # the batch is being sent when the server goes away
+        return await execute(*args, **options)
+
+    client.execute_command = dies_on_the_way  # type: ignore[method-assign]
+    started = time.perf_counter()
+    outcomes = await asyncio.gather(
+        *(store.hit(f"k{i}", 5, 60.0) for i in range(20)), return_exceptions=True
+    )
+    assert time.perf_counter() - started < 0.5
+    assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+    assert len({id(o) for o in outcomes}) == 20  # each waiter raises its own exception
+    assert store.degraded
+    with pytest.raises(StoreUnavailable):  # and the next hits do not wait for Redis
+        await store.hit("k0", 5, 60.0)
+    await store.close()
+    await client.aclose()
+
+
+async def test_a_hung_redis_fails_the_whole_batch_within_the_deadline(
+    private_redis: RedisServer,
+) -> None:
+    client = fast_client(private_redis.port, timeout=5.0)
+    store = RedisStore(client, prefix="t:", timeout=0.1)
+    await store.hit("warm-up", 5, 60.0)
+    private_redis.signal(signal.SIGSTOP)
+    try:
+        started = time.perf_counter()
+        outcomes = await asyncio.gather(
+            *(store.hit(f"k{i}", 5, 60.0) for i in range(20)), return_exceptions=True
+        )
+        assert time.perf_counter() - started < 0.5
+    finally:
+        private_redis.signal(signal.SIGCONT)
+    assert all(isinstance(o, StoreUnavailable) for o in outcomes), outcomes
+    await store.close()
+    await client.aclose()
+
+
+async def test_a_batch_after_a_script_flush_reloads_the_script_in_that_batch(
+    private_redis: RedisServer,
+) -> None:
+    client = fast_client(private_redis.port)
+    store = RedisStore(client, prefix="t:", timeout=0.5)
+    await store.hit("k0", 5, 60.0)
+    await client.script_flush()
+    before = await command_calls(client)
+    decisions = await asyncio.gather(*(store.hit(f"k{i}", 5, 60.0) for i in range(10)))
+    after = await command_calls(client)
+    assert [d.remaining for d in decisions] == [3] + [4] * 9
+    assert after["evalsha"] - before["evalsha"] == 1  # refused with NOSCRIPT ...
+    assert after["eval"] - before.get("eval", 0) == 1  # ... then the whole batch in one EVAL
+    assert not store.degraded
+    await client.aclose()
+
+
+async def test_a_caller_cancelled_while_its_batch_is_in_flight_does_not_disturb_the_others(
+    shared_redis: tuple[Redis, str],
+) -> None:
+    client, prefix = shared_redis
+    store = RedisStore(client, prefix=prefix, timeout=2.0)
+    tasks = [asyncio.create_task(store.hit(f"k{i}", 5, 60.0)) for i in range(10)]
+    await asyncio.sleep(0)  # all queued; the flusher has not run yet
+    tasks[3].cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(results[3], asyncio.CancelledError)
+    assert all(isinstance(r, Decision) and r.allowed for i, r in enumerate(results) if i != 3)
+    assert not store.degraded
+
+
+async def test_more_hits_than_one_script_takes_are_split_and_all_answered(
+    shared_redis: tuple[Redis, str],
+) -> None:
+    client, prefix = shared_redis
+    store = RedisStore(client, prefix=prefix, timeout=2.0)
+    decisions = await asyncio.gather(*(store.hit(f"k{i % 300}", 2, 60.0) for i in range(600)))
+    assert [d.remaining for d in decisions] == [1] * 300 + [0] * 300
+    assert all(d.allowed for d in decisions)
+
+
 async def test_heartbeat_counts_live_replicas_and_forgets_dead_ones(
     private_redis: RedisServer,
 ) -> None:
