@@ -63,6 +63,12 @@ Duration = Annotated[
 ]
 
 
+def duration_default(text: str, description: str | None = None) -> Any:
+    """A Duration field's default, written as text so the JSON Schema (and the CRD generated
+    from it) shows ``"5s"`` rather than ``5.0``; validated into seconds like any input."""
+    return Field(default=text, validate_default=True, description=description)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -91,14 +97,14 @@ class Target(Strict):
 
 class HealthCheck(Strict):
     path: str = "/healthz"
-    interval: Duration = 5.0
-    timeout: Duration = 1.0
+    interval: Duration = duration_default("5s")
+    timeout: Duration = duration_default("1s")
     healthyThreshold: int = Field(default=2, ge=1, le=100)
     unhealthyThreshold: int = Field(default=3, ge=1, le=100)
     # Passive checks (Envoy's outlier detection): consecutive failures of real traffic eject a
     # target for `ejectionTime`; active checks (or the ejection timer) bring it back.
     passiveFailures: int = Field(default=5, ge=0, le=1000, description="0 disables passive checks")
-    ejectionTime: Duration = 30.0
+    ejectionTime: Duration = duration_default("30s")
     active: bool = True
 
     @field_validator("path")
@@ -110,8 +116,8 @@ class HealthCheck(Strict):
 
 
 class Timeouts(Strict):
-    connect: Duration = 1.0
-    request: Duration = 10.0
+    connect: Duration = duration_default("1s")
+    request: Duration = duration_default("10s")
 
 
 class Retries(Strict):
@@ -123,7 +129,7 @@ class Retries(Strict):
 
 class CircuitBreaker(Strict):
     failureThreshold: int = Field(default=5, ge=1, le=100_000)
-    resetTimeout: Duration = 10.0
+    resetTimeout: Duration = duration_default("10s")
 
 
 LoadBalancing = Literal["round-robin", "least-request", "consistent-hash"]
@@ -132,8 +138,8 @@ LoadBalancing = Literal["round-robin", "least-request", "consistent-hash"]
 class InstancePolicy(Strict):
     """Instances register themselves with the registry and heartbeat (Consul/Nacos style)."""
 
-    ttl: Duration = Field(default=15.0, description="missed heartbeats this long: unhealthy")
-    removeAfter: Duration = Field(default=60.0, description="missed heartbeats this long: removed")
+    ttl: Duration = duration_default("15s", "missed heartbeats this long: unhealthy")
+    removeAfter: Duration = duration_default("60s", "missed heartbeats this long: removed")
 
     @model_validator(mode="after")
     def _remove_after_ttl(self) -> InstancePolicy:
