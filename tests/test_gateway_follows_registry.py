@@ -6,6 +6,7 @@ import asyncio
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import ClientSession
@@ -14,6 +15,18 @@ from gateway.runtime import Gateway, GatewaySettings
 from registry.app import RegistrySettings, start_registry
 from tests.conftest import service
 from tests.gateway.procs import GatewayProcess, free_port
+
+
+def follower(registry: Any, state_dir: Path) -> GatewaySettings:
+    """A gateway on free ports following `registry`, keeping its snapshot in `state_dir`."""
+    return GatewaySettings(
+        port=0,
+        status_port=0,
+        access_log="off",
+        registry_url=registry.url,
+        registry_token=registry.admin_token,
+        state_dir=state_dir,
+    )
 
 
 def doc(name: str, url: str, prefix: str) -> dict:
@@ -50,14 +63,7 @@ async def test_gateway_follows_changes_survives_outages_and_restarts(upstreams, 
     port = free_port()
     reg_settings = RegistrySettings(port=port, data_dir=tmp_path / "reg", heartbeat=1.0)
     registry = await start_registry(reg_settings)
-    gw_settings = GatewaySettings(
-        port=0,
-        status_port=0,
-        access_log="off",
-        registry_url=registry.url,
-        registry_token=registry.admin_token,
-        state_dir=tmp_path / "gw",
-    )
+    gw_settings = follower(registry, tmp_path / "gw")
     gateway = Gateway(gw_settings)
     await gateway.start()
     second: Gateway | None = None
@@ -87,16 +93,7 @@ async def test_gateway_follows_changes_survives_outages_and_restarts(upstreams, 
                 assert resp.status == 200
 
             # A gateway started while the registry is down serves the saved snapshot.
-            second = Gateway(
-                GatewaySettings(
-                    port=0,
-                    status_port=0,
-                    access_log="off",
-                    registry_url=registry.url,
-                    registry_token=registry.admin_token,
-                    state_dir=tmp_path / "gw",
-                )
-            )
+            second = Gateway(follower(registry, tmp_path / "gw"))
             second.source._first_wait = 0.5  # type: ignore[attr-defined]
             await second.start()
             async with http.get(f"http://127.0.0.1:{second.port}/trams/1") as resp:
@@ -187,16 +184,7 @@ async def test_gateway_routes_to_self_registered_instances_while_they_heartbeat(
     registry = await start_registry(
         RegistrySettings(port=0, data_dir=tmp_path / "reg", heartbeat=1.0, reap_interval=0.1)
     )
-    gateway = Gateway(
-        GatewaySettings(
-            port=0,
-            status_port=0,
-            access_log="off",
-            registry_url=registry.url,
-            registry_token=registry.admin_token,
-            state_dir=tmp_path / "gw",
-        )
-    )
+    gateway = Gateway(follower(registry, tmp_path / "gw"))
     await gateway.start()
     auth = {"Authorization": f"Bearer {registry.admin_token}"}
     instance = f"{registry.url}/v1/services/bus/instances/bus-1"
