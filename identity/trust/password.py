@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib.resources
+import itertools
 import os
 import secrets
 import unicodedata
@@ -150,5 +151,5 @@ def check_new_password(password: str, *, username: str | None = None) -> str | N
 
 def _is_sequence(text: str) -> bool:
     """Runs like 12345678, 87654321 or abcdefgh (SP 800-63B §5.1.1.2 "sequential characters")."""
-    steps = {ord(b) - ord(a) for a, b in zip(text, text[1:], strict=False)}
+    steps = {ord(b) - ord(a) for a, b in itertools.pairwise(text)}
     return steps in ({1}, {-1})

@@ -1,4 +1,4 @@
-"""Passwords: argon2id with the OWASP parameters, off the event loop, and NIST new-password rules."""
+"""Passwords: argon2id with OWASP parameters, off the event loop; NIST new-password rules."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ async def test_two_hashes_of_one_password_differ_by_their_salt() -> None:
     assert await HASHER.hash("same password") != await HASHER.hash("same password")
 
 
-@pytest.mark.parametrize("encoded", ["", "not a hash", "$argon2id$v=19$m=19456,t=2,p=1$bad", "$2b$"])
+@pytest.mark.parametrize(
+    "encoded", ["", "not a hash", "$argon2id$v=19$m=19456,t=2,p=1$bad", "$2b$"]
+)
 async def test_an_unreadable_hash_verifies_nothing_and_does_not_raise(encoded: str) -> None:
     assert not await HASHER.verify(encoded, "anything")
     assert HASHER.needs_rehash(encoded)
