@@ -98,6 +98,36 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--access-log", default=_env("ACCESS_LOG", "stdout"), help="stdout|off|FILE")
     gw.add_argument("--otlp-endpoint", default=_env("OTLP_ENDPOINT"))
     gw.add_argument("--max-body", type=int, default=_int_env("MAX_BODY", 10 * 1024 * 1024))
+    # Slow clients (docs/adr/0011-slow-clients.md); string defaults go through `type` too.
+    gw.add_argument(
+        "--header-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=_env("HEADER_TIMEOUT", "10"),
+        help="first byte to end of a request head; 408 after (default 10)",
+    )
+    gw.add_argument(
+        "--idle-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=_env("IDLE_TIMEOUT", "75"),
+        help="close keep-alive connections idle this long (default 75)",
+    )
+    gw.add_argument(
+        "--body-timeout",
+        type=float,
+        metavar="SECONDS",
+        default=_env("BODY_TIMEOUT", "30"),
+        help="longest gap between two reads of a request body; 408 after (default 30)",
+    )
+    gw.add_argument(
+        "--max-connections",
+        type=int,
+        metavar="N",
+        default=_env("MAX_CONNECTIONS"),
+        help="client connections per worker; more are refused (default: half of ulimit -n, "
+        "at most 10000)",
+    )
     gw.add_argument("--watch-interval", type=float, default=1.0, help="0 disables file watching")
     gw.add_argument(
         "--issuer",
@@ -225,6 +255,16 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
     for flag, url in (("--issuer", args.issuer), ("--jwks-url", args.jwks_url)):
         if url and (urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname):
             raise CliError(f"{flag} {url!r} is not an http(s) URL with a host", EXIT_USAGE)
+    try:
+        limits = GatewayLimits(
+            max_body=args.max_body,
+            header_timeout=args.header_timeout,
+            idle_timeout=args.idle_timeout,
+            body_timeout=args.body_timeout,
+            max_connections=args.max_connections,
+        )
+    except ValueError as exc:
+        raise CliError("--" + str(exc).replace("_", "-", 1), EXIT_USAGE) from None
     return GatewaySettings(
         config=list(args.config),
         host=args.host,
@@ -239,7 +279,7 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
         jwks_url=args.jwks_url,
         audience=args.audience,
         watch_interval=args.watch_interval,
-        limits=GatewayLimits(max_body=args.max_body),
+        limits=limits,
         registry_url=args.registry,
         registry_token=token,
         state_dir=args.state_dir,
