@@ -19,10 +19,14 @@ import os
 import secrets
 import unicodedata
 import weakref
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+_T = TypeVar("_T")
 
 MIN_LENGTH = 8
 MAX_LENGTH = 256
@@ -67,7 +71,7 @@ class PasswordHasher:
         )
         self._dummy: str | None = None
 
-    async def _run(self, fn: functools.partial[object]) -> object:
+    async def _run(self, fn: Callable[[], _T]) -> _T:
         loop = asyncio.get_running_loop()
         gate = self._gates.get(loop)
         if gate is None:
@@ -76,17 +80,14 @@ class PasswordHasher:
             return await loop.run_in_executor(self._pool, fn)
 
     async def hash(self, password: str) -> str:
-        encoded = await self._run(functools.partial(self._hash_sync, _normalize(password)))
-        assert isinstance(encoded, str)
-        return encoded
+        return await self._run(functools.partial(self._hash_sync, _normalize(password)))
 
     def _hash_sync(self, password: str) -> str:
         return self._hasher.hash(password)
 
     async def verify(self, encoded: str, password: str) -> bool:
         """True when ``password`` matches; False on mismatch or an unreadable hash."""
-        result = await self._run(functools.partial(self._verify_sync, encoded, password))
-        return result is True
+        return await self._run(functools.partial(self._verify_sync, encoded, password))
 
     def _verify_sync(self, encoded: str, password: str) -> bool:
         try:
