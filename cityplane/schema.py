@@ -295,3 +295,139 @@ class CityService(Strict):
 def service_json_schema() -> dict[str, Any]:
     """JSON Schema of the document; the CRD generator and the registry's OpenAPI use it."""
     return CityService.model_json_schema(by_alias=True)
+
+
+# --- CityApp: a workload plugged into the city (ARCHITECTURE.md, issue #5) --------------------
+# The same `routes` as a CityService, a workload instead of `upstream` (the operator derives the
+# upstream from the app's Kubernetes Service) and an `identity` block for its OIDC client.
+
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+# A Kubernetes resource quantity (`100m`, `0.5`, `128Mi`, `1G`); the API server parses it.
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|Pi|Ei|M|G|T|P|E)?$"
+# An OCI image reference: [registry[:port]/]path[:tag][@digest], lowercase path.
+_IMAGE = (
+    r"^[a-z0-9]+([._:/-][a-z0-9]+)*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$"
+)
+GrantType = Literal["authorization_code", "refresh_token", "client_credentials"]
+
+
+class Autoscaling(Strict):
+    """A HorizontalPodAutoscaler (autoscaling/v2) on CPU utilization."""
+
+    minReplicas: int = Field(default=1, ge=1, le=1000)
+    maxReplicas: int = Field(ge=1, le=1000)
+    targetCPUUtilizationPercentage: int = Field(default=80, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> Autoscaling:
+        if self.minReplicas > self.maxReplicas:
+            raise ValueError("minReplicas must not be greater than maxReplicas")
+        return self
+
+
+class EnvVar(Strict):
+    name: str = Field(pattern=_ENV_NAME)
+    value: str = ""
+
+
+class Quantities(Strict):
+    cpu: str | None = Field(default=None, pattern=_QUANTITY)
+    memory: str | None = Field(default=None, pattern=_QUANTITY)
+
+
+class Resources(Strict):
+    requests: Quantities | None = None
+    limits: Quantities | None = None
+
+
+class Probes(Strict):
+    """The app's liveness and readiness probes (HTTP GET on the app's port)."""
+
+    path: str = Field(default="/healthz", description="liveness probe path")
+    readinessPath: str | None = Field(default=None, description="default: the liveness path")
+    initialDelay: Duration = duration_default("1s")
+    period: Duration = duration_default("10s")
+    timeout: Duration = duration_default("1s")
+    failureThreshold: int = Field(default=3, ge=1, le=100)
+
+    @field_validator("path", "readinessPath")
+    @classmethod
+    def _absolute(cls, path: str | None) -> str | None:
+        if path is not None and not path.startswith("/"):
+            raise ValueError("must start with '/'")
+        return path
+
+
+class AppIdentity(Strict):
+    """The app's OIDC client at the identity hub (docs/identity-api.md, ClientSpec)."""
+
+    redirectUris: list[str] = []
+    scopes: list[str] = Field(default_factory=lambda: ["openid"])
+    grantTypes: list[GrantType] = Field(
+        default_factory=lambda: ["authorization_code", "refresh_token"], min_length=1
+    )
+    publicClient: bool = Field(default=False, description="no secret (browser or mobile app)")
+    minTrustLevel: int = Field(default=1, ge=1, le=4, description="lowest acr level it accepts")
+    postLogoutRedirectUris: list[str] = []
+
+    @field_validator("redirectUris", "postLogoutRedirectUris")
+    @classmethod
+    def _redirects(cls, uris: list[str]) -> list[str]:
+        for uri in uris:
+            parts = urlsplit(uri)
+            # OAuth 2.0 Security BCP (RFC 9700 §2.1): exact https redirect URIs; plain http
+            # only for loopback (RFC 8252 §7.3); never a fragment (RFC 6749 §3.1.2).
+            loopback = parts.hostname in ("localhost", "127.0.0.1", "::1")
+            if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+                raise ValueError(f"{uri!r}: redirect URIs must be https (http only for loopback)")
+            if not parts.hostname or parts.fragment:
+                raise ValueError(f"{uri!r}: a redirect URI needs a host and no fragment")
+        return uris
+
+    @model_validator(mode="after")
+    def _public_clients(self) -> AppIdentity:
+        if self.publicClient and "client_credentials" in self.grantTypes:
+            raise ValueError("a public client cannot use the client_credentials grant")
+        if "authorization_code" in self.grantTypes and not self.redirectUris:
+            raise ValueError("the authorization_code grant needs at least one redirect URI")
+        return self
+
+
+class AppSpec(Strict):
+    image: str = Field(pattern=_IMAGE, max_length=512)
+    replicas: int | None = Field(default=None, ge=0, le=1000, description="default 1")
+    autoscaling: Autoscaling | None = None
+    port: int = Field(default=8080, ge=1, le=65535)
+    env: list[EnvVar] = Field(default=[], max_length=256)
+    resources: Resources | None = None
+    healthCheck: Probes = Probes()
+    version: str = Field(default="v1", pattern=r"^v\d+([a-z0-9]+)?$")
+    lifecycle: Lifecycle = "published"
+    routes: list[Route] = Field(min_length=1, max_length=64)
+    identity: AppIdentity | None = None
+
+    @model_validator(mode="after")
+    def _checks(self) -> AppSpec:
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError("give either replicas or autoscaling, not both")
+        names = [r.name for r in self.routes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"route names must be unique, repeated: {', '.join(dupes)}")
+        envs = [e.name for e in self.env]
+        dupes = sorted({n for n in envs if envs.count(n) > 1})
+        if dupes:
+            raise ValueError(f"env names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+
+class CityApp(Strict):
+    apiVersion: Literal["cityplane.io/v1alpha1"] = "cityplane.io/v1alpha1"
+    kind: Literal["CityApp"] = "CityApp"
+    metadata: Metadata
+    spec: AppSpec
+
+
+def app_json_schema() -> dict[str, Any]:
+    """JSON Schema of a CityApp; the CityApp CRD is generated from it."""
+    return CityApp.model_json_schema(by_alias=True)

@@ -1,9 +1,10 @@
 """The CityPlane CustomResourceDefinitions, generated from the one service schema.
 
-``python -m operators.crd_schema`` writes ``operators/crds/cityservice.yaml``; a test fails when the
-committed file and the generator drift apart. No field list is written here: the CRD's
-``openAPIV3Schema`` is :func:`cityplane.schema.service_json_schema` (pydantic's JSON Schema)
-converted into a Kubernetes *structural* schema by :func:`structural`.
+``python -m operators.crd_schema`` writes ``operators/crds/cityservice.yaml`` and
+``operators/crds/cityapp.yaml``; a test fails when the committed files and the generator drift
+apart. No field list is written here: each CRD's ``openAPIV3Schema`` is pydantic's JSON Schema of
+:mod:`cityplane.schema` converted into a Kubernetes *structural* schema by :func:`structural`;
+only the cross-field rules Kubernetes can check (CEL ``x-kubernetes-validations``) are added.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Any
 
 import yaml
 
-from cityplane.schema import API_VERSION, service_json_schema
+from cityplane.schema import API_VERSION, app_json_schema, service_json_schema
 
 GROUP, VERSION = API_VERSION.split("/")
 CRDS_DIR = Path(__file__).resolve().parent / "crds"
 CITYSERVICE_FILE = CRDS_DIR / "cityservice.yaml"
+CITYAPP_FILE = CRDS_DIR / "cityapp.yaml"
 
 # Keywords a structural schema keeps as they are (all are JSONSchemaProps fields).
 _KEPT = {
@@ -202,6 +204,134 @@ def cityservice_crd() -> dict[str, Any]:
     }
 
 
+# --- CityApp ---------------------------------------------------------------------------------
+
+# Cross-field rules of AppSpec that the API server can check itself, so `kubectl apply` refuses a
+# bad CityApp at once instead of the operator reporting it later (the operator still validates
+# everything through AppSpec). Keyed by the node's path in the spec schema. Unique route names are
+# left to the operator: a pairwise CEL rule over unbounded strings exceeds the API server's
+# estimated cost budget and would make the whole CRD unacceptable.
+# The rules rely on `has()`: the CityApp schema has no `nullable`, so a null is pruned (absent),
+# see _without_nullable.
+CITYAPP_RULES: dict[str, list[dict[str, str]]] = {
+    "": [
+        {
+            "rule": "!(has(self.replicas) && has(self.autoscaling))",
+            "message": "give either replicas or autoscaling, not both",
+            "fieldPath": ".autoscaling",
+        },
+    ],
+    "/autoscaling": [
+        {
+            "rule": "!has(self.minReplicas) || self.minReplicas <= self.maxReplicas",
+            "message": "minReplicas must not be greater than maxReplicas",
+        }
+    ],
+    "/routes[]/match": [
+        {
+            "rule": "has(self.pathPrefix) != has(self.path)",
+            "message": "give exactly one of 'pathPrefix' or 'path'",
+        }
+    ],
+    "/identity": [
+        {
+            "rule": "!(has(self.publicClient) && self.publicClient && has(self.grantTypes)"
+            " && 'client_credentials' in self.grantTypes)",
+            "message": "a public client cannot use the client_credentials grant",
+        }
+    ],
+}
+
+
+def _without_nullable(node: dict[str, Any]) -> dict[str, Any]:
+    """Drop `nullable` everywhere: a null in a CityApp means "not set", and without `nullable`
+    the API server prunes nulls before validation, so CEL's `has()` tells set from unset."""
+    out = {k: v for k, v in node.items() if k != "nullable"}
+    if "properties" in out:
+        out["properties"] = {k: _without_nullable(v) for k, v in out["properties"].items()}
+    for key in ("items", "additionalProperties"):
+        if isinstance(out.get(key), dict):
+            out[key] = _without_nullable(out[key])
+    return out
+
+
+def _node_at(schema: dict[str, Any], path: str) -> dict[str, Any]:
+    node = schema
+    for part in filter(None, path.split("/")):
+        if part.endswith("[]"):
+            node = node["properties"][part[:-2]]["items"]
+        else:
+            node = node["properties"][part]
+    return node
+
+
+def cityapp_openapi_schema() -> dict[str, Any]:
+    """``openAPIV3Schema`` of a CityApp: ``spec`` from AppSpec plus CEL rules, a free status."""
+    schema = app_json_schema()
+    spec = _without_nullable(structural(schema["properties"]["spec"], schema["$defs"], "/spec"))
+    for path, rules in CITYAPP_RULES.items():
+        _node_at(spec, path)["x-kubernetes-validations"] = copy.deepcopy(rules)
+    return {
+        "type": "object",
+        "description": "An app plugged into the city: workload, gateway routes and OIDC client.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            # Written by the operator only (operators/status.py): observedGeneration, url,
+            # conditions; kept open so a newer operator can add fields without a CRD upgrade.
+            "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        },
+    }
+
+
+def cityapp_crd() -> dict[str, Any]:
+    """The CustomResourceDefinition ``cityapps.cityplane.io``."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"cityapps.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "plural": "cityapps",
+                "singular": "cityapp",
+                "kind": "CityApp",
+                "listKind": "CityAppList",
+                "shortNames": ["capp"],
+                "categories": ["cityplane"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Image", "type": "string", "jsonPath": ".spec.image"},
+                        {"name": "URL", "type": "string", "jsonPath": ".status.url"},
+                        {
+                            "name": "Ready",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+                        },
+                        {
+                            "name": "Reason",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
+                        },
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {"openAPIV3Schema": cityapp_openapi_schema()},
+                }
+            ],
+        },
+    }
+
+
 HEADER = "# Generated by `python -m operators.crd_schema` from cityplane/schema.py. Do not edit.\n"
 
 
@@ -210,7 +340,7 @@ def render(crd: dict[str, Any]) -> str:
 
 
 def generated_files() -> dict[Path, str]:
-    return {CITYSERVICE_FILE: render(cityservice_crd())}
+    return {CITYSERVICE_FILE: render(cityservice_crd()), CITYAPP_FILE: render(cityapp_crd())}
 
 
 def main() -> int:
