@@ -152,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reg.add_argument("--admin-token-file", type=Path, default=_env("ADMIN_TOKEN_FILE"))
     reg.add_argument("--heartbeat", type=float, default=15.0, help="watch heartbeat seconds")
+    reg.add_argument(
+        "--issuer",
+        metavar="URL",
+        default=_env("ISSUER"),
+        help="identity hub whose access tokens (registry:* scopes) are accepted too",
+    )
+    reg.add_argument(
+        "--jwks-url", metavar="URL", default=_env("JWKS_URL"), help="JWKS URL (skips discovery)"
+    )
+    reg.add_argument(
+        "--audience", metavar="AUD", default=_env("AUDIENCE"), help="required 'aud' of tokens"
+    )
 
     for name, what in (
         ("identity", "the OIDC identity hub"),
@@ -344,7 +356,15 @@ def _run_registry(args: argparse.Namespace) -> int:
         database_url=args.database_url,
         admin_token_file=args.admin_token_file,
         heartbeat=args.heartbeat,
+        issuer=args.issuer,
+        jwks_url=args.jwks_url,
+        audience=args.audience,
     )
+    if args.jwks_url and not args.issuer:
+        raise CliError(
+            "--jwks-url needs --issuer too: a token's 'iss' must match it (RFC 9068 §4)",
+            EXIT_USAGE,
+        )
     try:
         run(settings)
     except RegistryStartError as exc:

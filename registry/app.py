@@ -21,17 +21,20 @@ from registry.auth import (
     AdminTokenError,
     AdminTokenVerifier,
     Authenticator,
+    TokenVerifier,
     load_or_create_admin_token,
 )
 from registry.bodies import MAX_BODY
 from registry.engine import is_postgresql, make_engine, migrate, sqlite_url
 from registry.fanout import PostgresFanout
+from registry.membership import InstanceStore
 from registry.metrics import RegistryMetrics
 from registry.notifier import Notifier
 from registry.openapi import openapi_bytes
 from registry.state import STATE, RegistryState
 from registry.status import add_status_routes
 from registry.store import ServiceStore
+from registry.tokens import HubTokenVerifier
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,10 @@ class RegistrySettings:
     heartbeat: float = 15.0  # seconds of silence on a watch stream before ": heartbeat"
     changes_kept: int = 10_000  # changes kept for watch resume; older `since` gets a snapshot
     reap_interval: float = 1.0  # seconds between looks for instances that missed their TTL
+    # The identity hub whose access tokens are accepted too (None: the admin token only).
+    issuer: str | None = None
+    jwks_url: str | None = None  # None: from the issuer's discovery document
+    audience: str | None = None  # the `aud` tokens must carry (RFC 9068 §4); None: any
 
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -72,6 +79,7 @@ class RunningRegistry:
         admin_token_file: Path,
         fanout: PostgresFanout | None,
         reaper: asyncio.Task[None] | None = None,
+        hub: HubTokenVerifier | None = None,
     ) -> None:
         self._runner = runner
         self.state = state
@@ -81,6 +89,7 @@ class RunningRegistry:
         self.admin_token_file = admin_token_file
         self._fanout = fanout
         self._reaper = reaper
+        self._hub = hub
         self._stopped = False
 
     @property
@@ -103,6 +112,8 @@ class RunningRegistry:
         if self._fanout is not None:
             await self._fanout.stop()
         await self._runner.cleanup()
+        if self._hub is not None:
+            await self._hub.close()
         await self.state.engine.dispose()
 
 
@@ -112,7 +123,7 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-async def _reap(store: ServiceStore, interval: float) -> None:
+async def _reap(store: InstanceStore, interval: float) -> None:
     """Expire and remove instances that stopped heartbeating, every `interval` seconds."""
     while True:
         await asyncio.sleep(interval)
@@ -177,13 +188,29 @@ async def start_registry(settings: RegistrySettings) -> RunningRegistry:
     notifier.publish(await store.revision())
     metrics = RegistryMetrics()
     metrics.revision.set_function(lambda: notifier.revision)
-    state = RegistryState(engine, store, notifier, metrics, settings.heartbeat, openapi_bytes())
+    instances = InstanceStore(store)
+    state = RegistryState(
+        engine, store, instances, notifier, metrics, settings.heartbeat, openapi_bytes()
+    )
     state.migrated = True
     fanout = None
-    authenticator = Authenticator([AdminTokenVerifier(admin_token)])
+    verifiers: list[TokenVerifier] = [AdminTokenVerifier(admin_token)]
+    hub = None
+    if settings.issuer:
+        try:
+            hub = HubTokenVerifier(
+                settings.issuer, jwks_url=settings.jwks_url, audience=settings.audience
+            )
+        except ValueError as exc:
+            await engine.dispose()
+            raise RegistryStartError(str(exc)) from None
+        verifiers.append(hub)
+    authenticator = Authenticator(verifiers)
     # Watch streams end at once on stop (the notifier closes them); 5 s is for slow writers.
     runner = web.AppRunner(build_app(state, authenticator), shutdown_timeout=5.0)
     try:
+        if hub is not None:
+            await hub.start()  # one JWKS fetch now; without it hub tokens get a 503 for a while
         if is_postgresql(engine):
             fanout = PostgresFanout(engine, notifier.publish, store.revision)
             await fanout.start()
@@ -193,11 +220,13 @@ async def start_registry(settings: RegistrySettings) -> RunningRegistry:
     except BaseException:
         if fanout is not None:
             await fanout.stop()
+        if hub is not None:
+            await hub.close()
         await runner.cleanup()
         await engine.dispose()
         raise
     port = runner.addresses[0][1]
-    reaper = asyncio.create_task(_reap(store, settings.reap_interval), name="instance-reaper")
+    reaper = asyncio.create_task(_reap(instances, settings.reap_interval), name="instance-reaper")
     return RunningRegistry(
         runner,
         state,
@@ -207,6 +236,7 @@ async def start_registry(settings: RegistrySettings) -> RunningRegistry:
         admin_token_file=token_file,
         fanout=fanout,
         reaper=reaper,
+        hub=hub,
     )
 
 

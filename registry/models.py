@@ -71,6 +71,9 @@ audit = Table(
     Column("revision", BigInteger, primary_key=True, autoincrement=False),
     Column("at", DateTime(timezone=True), nullable=False),
     Column("actor", String(253), nullable=False),
+    # Who else stands behind `actor` (hub tokens): the token's client_id and org (0003).
+    Column("client_id", String(253), nullable=True),
+    Column("org", String(OWNER_MAX), nullable=True),
     Column("action", String(16), nullable=False),
     Column("service", String(63), nullable=False),
     Column("before", Document, nullable=True),

@@ -96,6 +96,11 @@ _ERRORS = {
         **_problem("no token, or a token that is not valid"),
         "headers": {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
     },
+    "403": _problem(
+        "the token lacks the scope (insufficient-scope, with WWW-Authenticate), or the "
+        "service belongs to another organization (not-owner)"
+    ),
+    "503": _problem("the identity hub's signing keys were never fetched (hub tokens only)"),
 }
 _WRITE_ERRORS = {
     **_ERRORS,
@@ -407,6 +412,8 @@ def _own_schemas() -> dict[str, Any]:
                 "revision": {"type": "integer"},
                 "at": {"type": "string", "format": "date-time"},
                 "actor": {"type": "string"},
+                "clientId": {"type": ["string", "null"]},
+                "org": {"type": ["string", "null"]},
                 "action": {"enum": ["create", "update", "lifecycle", "delete", *INSTANCE_ACTIONS]},
                 "service": {"type": "string"},
                 "before": {"anyOf": [_ref("CityService"), {"type": "null"}]},

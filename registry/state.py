@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from registry.membership import InstanceStore
 from registry.metrics import RegistryMetrics
 from registry.notifier import Notifier
 from registry.store import ServiceStore
@@ -16,6 +17,7 @@ from registry.store import ServiceStore
 class RegistryState:
     engine: AsyncEngine
     store: ServiceStore
+    instances: InstanceStore
     notifier: Notifier
     metrics: RegistryMetrics
     heartbeat: float

@@ -1,6 +1,8 @@
 """The service store: every change is one transaction that bumps the global revision, writes
 the service, appends a change (for watchers) and an audit row — or writes nothing at all.
 
+Instances (`registry.membership`) write through the same ledger: `record` and the writer lock.
+
 Writers lock the single revision row first (`SELECT … FOR UPDATE` on PostgreSQL, `BEGIN
 IMMEDIATE` on SQLite), so revisions are handed out in commit order: once a reader sees
 revision N committed, every revision below N is committed too. Watchers rely on that to read
@@ -11,21 +13,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Row, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from cityplane.problem import Problem
-from cityplane.schema import CityService, InstancePolicy
+from cityplane.schema import CityService
 from registry import lifecycle
+from registry.auth import Principal
 from registry.bodies import stored_form
 from registry.engine import is_postgresql, writer
-from registry.errors import conflict, instance_not_found, instances_not_enabled, not_found
+from registry.errors import conflict
+from registry.instances import effective, healthy_instances, instance_policy, utc
 from registry.models import audit, changes, instances, revision, services
+from registry.ownership import CREATE, DELETE, FULL, LIFECYCLE, REPLACE, Authority
 
 NOTIFY_CHANNEL = "cityplane_registry"
 ADDED, MODIFIED, DELETED = "ADDED", "MODIFIED", "DELETED"
@@ -36,39 +40,6 @@ def served(document: dict[str, Any], resource_version: int) -> dict[str, Any]:
     """A stored document as clients see it: with `metadata.resourceVersion`."""
     metadata = {**document["metadata"], "resourceVersion": str(resource_version)}
     return {**document, "metadata": metadata}
-
-
-def instance_policy(document: dict[str, Any] | None) -> InstancePolicy | None:
-    """`spec.upstream.instances` of a stored document, or None when instances may not register."""
-    if document is None:
-        return None
-    raw = document["spec"]["upstream"].get("instances")
-    return None if raw is None else InstancePolicy.model_validate(raw)
-
-
-def effective(document: dict[str, Any], healthy: Sequence[Row[Any]]) -> dict[str, Any]:
-    """What gateways route to: the stored targets plus the healthy registered instances."""
-    upstream = document["spec"]["upstream"]
-    if "instances" not in upstream:
-        return document
-    targets = [*upstream.get("targets", []), *({"url": r.url, "weight": r.weight} for r in healthy)]
-    spec = {**document["spec"], "upstream": {**upstream, "targets": targets}}
-    return {**document, "spec": spec}
-
-
-def instance_view(row: Row[Any]) -> dict[str, Any]:
-    return {
-        "id": row.id,
-        "url": row.url,
-        "weight": row.weight,
-        "healthy": bool(row.healthy),
-        "lastSeen": _utc(row.last_seen).isoformat().replace("+00:00", "Z"),
-    }
-
-
-def _utc(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything we write is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +78,8 @@ class Change:
     name: str
     document: dict[str, Any] | None
     at: datetime
+    # For DELETED, the service as it was (read only for streams that filter by visibility).
+    deleted: dict[str, Any] | None = None
 
     def event(self) -> dict[str, Any]:
         return {
@@ -178,7 +151,7 @@ class ServiceStore:
 
     async def revision(self) -> int:
         async with self._engine.connect() as conn:
-            return await _head(conn)
+            return await read_head(conn)
 
     async def get(self, name: str) -> dict[str, Any] | None:
         query = select(services.c.document, services.c.resource_version).where(
@@ -202,7 +175,7 @@ class ServiceStore:
             query = query.where(services.c.owner == owner)
         wanted = list(labels)
         async with self._snapshot_reader.connect() as conn, conn.begin():
-            head = await _head(conn)
+            head = await read_head(conn)
             rows = (await conn.execute(query.order_by(services.c.name))).all()
         # Label selectors are matched here rather than in SQL: JSON path syntax differs between
         # the two databases and label keys may contain '.' and '/'.
@@ -221,7 +194,7 @@ class ServiceStore:
             .order_by(instances.c.service, instances.c.registered_at, instances.c.id)
         )
         async with self._snapshot_reader.connect() as conn, conn.begin():
-            head = await _head(conn)
+            head = await read_head(conn)
             rows = (await conn.execute(query.order_by(services.c.name))).all()
             healthy: dict[str, list[Row[Any]]] = {}
             for row in (await conn.execute(healthy_query)).all():
@@ -230,34 +203,29 @@ class ServiceStore:
             served(effective(r.document, healthy.get(r.name, [])), r.resource_version) for r in rows
         ]
 
-    async def instances(self, name: str) -> list[dict[str, Any]]:
-        async with self._snapshot_reader.connect() as conn, conn.begin():
-            document = (
-                await conn.execute(select(services.c.document).where(services.c.name == name))
-            ).scalar_one_or_none()
-            if document is None:
-                raise not_found(name)
-            if instance_policy(document) is None:
-                raise instances_not_enabled(name)
-            rows = (
-                await conn.execute(
-                    select(instances)
-                    .where(instances.c.service == name)
-                    .order_by(instances.c.registered_at, instances.c.id)
-                )
-            ).all()
-        return [instance_view(r) for r in rows]
-
-    async def changes_after(self, after: int, limit: int = 1000) -> list[Change]:
-        query = (
-            select(changes)
-            .where(changes.c.revision > after)
-            .order_by(changes.c.revision)
-            .limit(limit)
-        )
+    async def changes_after(
+        self, after: int, limit: int = 1000, *, with_deleted: bool = False
+    ) -> list[Change]:
+        """The kept changes after `after`; `with_deleted` adds each deleted service as it was
+        (from its audit row) for streams that must not show other owners' drafts."""
+        columns = [changes, audit.c.before] if with_deleted else [changes]
+        query = select(*columns).where(changes.c.revision > after)
+        if with_deleted:
+            query = query.outerjoin(audit, audit.c.revision == changes.c.revision)
+        query = query.order_by(changes.c.revision).limit(limit)
         async with self._engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [Change(r.revision, r.type, r.name, r.document, _utc(r.at)) for r in rows]
+        return [
+            Change(
+                r.revision,
+                r.type,
+                r.name,
+                r.document,
+                utc(r.at),
+                r.before if with_deleted and r.type == DELETED else None,
+            )
+            for r in rows
+        ]
 
     async def audit(self, *, service: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         query = select(audit).order_by(audit.c.revision.desc()).limit(limit)
@@ -269,74 +237,85 @@ class ServiceStore:
 
     # --- writes ---------------------------------------------------------------------------
 
-    async def create(self, service: CityService, *, actor: str) -> Written:
+    async def create(self, service: CityService, *, authority: Authority = FULL) -> Written:
         name = service.metadata.name
         wanted = versions_wanted(service.metadata.resourceVersion, None)
-        document = stored_form(service)
+        proposed = stored_form(service)
 
         def decide(current: Current | None, now: datetime) -> Intent:
-            if current is not None:
+            if current is not None:  # one namespace: a taken name is taken, whoever owns it
                 raise conflict(f"service {name!r} already exists; use PUT to replace it")
+            document = authority.admit(CREATE, name, None, proposed)
             _check_versions(name, current, wanted)
             lifecycle.check_update(None, service, now)
             return Intent("create", document)
 
-        return await self._write(name, actor, decide)
+        return await self._write(name, authority.principal, decide)
 
     async def put(
-        self, name: str, service: CityService, *, actor: str, if_match: str | None = None
+        self,
+        name: str,
+        service: CityService,
+        *,
+        authority: Authority = FULL,
+        if_match: str | None = None,
     ) -> Written:
         wanted = versions_wanted(service.metadata.resourceVersion, if_match)
-        document = stored_form(service)
+        proposed = stored_form(service)
 
         def decide(current: Current | None, now: datetime) -> Intent | None:
+            # Ownership first: a 409 on a version would tell a stranger the service exists.
+            document = authority.admit(
+                REPLACE, name, current.document if current else None, proposed
+            )
             _check_versions(name, current, wanted)
             if current is not None and current.document == document:
                 return None  # identical: no new revision, no audit row
             lifecycle.check_update(current.service() if current else None, service, now)
             return Intent("update" if current else "create", document)
 
-        return await self._write(name, actor, decide)
+        return await self._write(name, authority.principal, decide)
 
-    async def delete(self, name: str, *, actor: str, if_match: str | None = None) -> Written:
+    async def delete(
+        self, name: str, *, authority: Authority = FULL, if_match: str | None = None
+    ) -> Written:
         wanted = versions_wanted(None, if_match)
 
         def decide(current: Current | None, _now: datetime) -> Intent:
-            if current is None:
-                raise not_found(name)
+            authority.admit(DELETE, name, current.document if current else None)
             _check_versions(name, current, wanted)
             return Intent("delete", None)
 
-        return await self._write(name, actor, decide)
+        return await self._write(name, authority.principal, decide)
 
     async def transition(
         self,
         name: str,
         request: lifecycle.TransitionRequest,
         *,
-        actor: str,
+        authority: Authority = FULL,
         if_match: str | None = None,
     ) -> Written:
         wanted = versions_wanted(None, if_match)
 
         def decide(current: Current | None, now: datetime) -> Intent:
-            if current is None:
-                raise not_found(name)
+            authority.admit(LIFECYCLE, name, current.document if current else None)
+            assert current is not None  # admit answers 404 for a missing service
             _check_versions(name, current, wanted)
             return Intent("lifecycle", lifecycle.transition(current.document, request, now))
 
-        return await self._write(name, actor, decide)
+        return await self._write(name, authority.principal, decide)
 
-    async def _write(self, name: str, actor: str, decide: Decide) -> Written:
-        async with self._one_writer:
+    async def _write(self, name: str, actor: Principal, decide: Decide) -> Written:
+        async with self.writing():
             return await self._write_locked(name, actor, decide)
 
-    async def _write_locked(self, name: str, actor: str, decide: Decide) -> Written:
+    async def _write_locked(self, name: str, actor: Principal, decide: Decide) -> Written:
         now = datetime.now(UTC)
-        async with self._writer.begin() as conn:
-            head = await _head(conn, lock=True)
+        async with self.transaction() as conn:
+            head = await read_head(conn, lock=True)
             row = (await conn.execute(select(services).where(services.c.name == name))).first()
-            current = _current(row)
+            current = current_of(row)
             intent = decide(current, now)  # may raise a Problem: the transaction rolls back
             if intent is None:
                 assert current is not None
@@ -350,21 +329,38 @@ class ServiceStore:
                 # Deleted, or instances no longer allowed: registered instances go with it.
                 await conn.execute(delete(instances).where(instances.c.service == name))
             elif after is not None:
-                routed = effective(after, await _healthy(conn, name))
+                routed = effective(after, await healthy_instances(conn, name))
             change = (_CHANGE_TYPE[intent.action], routed)
-            await self._record(conn, rev, name, change, actor, intent.action, before, after, now)
-        self._on_commit(rev)
+            await self.record(conn, rev, name, change, actor, intent.action, before, after, now)
+        self.committed(rev)
         document = after if after is not None else before
         assert document is not None
         return Written(document, rev, created=current is None)
 
-    async def _record(
+    # --- the ledger (shared with registry.membership) ------------------------------------------
+
+    def writing(self) -> asyncio.Lock | contextlib.nullcontext[None]:
+        """Held around every write transaction (SQLite: one writer at a time, FIFO)."""
+        return self._one_writer
+
+    def transaction(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
+        """A write transaction (SQLite: BEGIN IMMEDIATE)."""
+        return self._writer.begin()
+
+    def reading(self) -> AsyncConnection:
+        """A connection whose transaction is one consistent view (see __init__)."""
+        return self._snapshot_reader.connect()
+
+    def committed(self, rev: int) -> None:
+        self._on_commit(rev)
+
+    async def record(
         self,
         conn: AsyncConnection,
         rev: int,
         name: str,
         change: tuple[str, dict[str, Any] | None],
-        actor: str,
+        actor: Principal,
         action: str,
         before: dict[str, Any] | None,
         after: dict[str, Any] | None,
@@ -382,7 +378,9 @@ class ServiceStore:
             insert(audit).values(
                 revision=rev,
                 at=now,
-                actor=actor,
+                actor=actor.name,
+                client_id=actor.client_id,
+                org=actor.organization,
                 action=action,
                 service=name,
                 before=before,
@@ -394,179 +392,6 @@ class ServiceStore:
         if self._notify:
             # Delivered by PostgreSQL at commit, to every replica's LISTEN connection.
             await conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, str(rev))))
-
-    # --- instances --------------------------------------------------------------------------
-
-    async def register(
-        self, name: str, instance: str, url: str, weight: int
-    ) -> tuple[dict[str, Any], int, bool]:
-        """Register or heartbeat one instance: (instance, revision, created). A heartbeat that
-        changes nothing only moves `last_seen` (no revision, no change)."""
-        key = (instances.c.service == name) & (instances.c.id == instance)
-        async with self._one_writer:
-            now = datetime.now(UTC)
-            # The common case first, without the revision lock: a healthy instance, as it was.
-            async with self._writer.begin() as conn:
-                seen = await conn.execute(
-                    update(instances)
-                    .where(key, instances.c.healthy.is_(True))
-                    .where(instances.c.url == url, instances.c.weight == weight)
-                    .values(last_seen=now)
-                )
-                if seen.rowcount == 1:
-                    row = (await conn.execute(select(instances).where(key))).one()
-                    return instance_view(row), await _head(conn), False
-            created = False
-            view: dict[str, Any] = {}
-
-            async def mutate(conn: AsyncConnection, _policy: InstancePolicy) -> bool:
-                nonlocal created, view
-                row = (await conn.execute(select(instances).where(key))).first()
-                if row is None:
-                    created = True
-                    await conn.execute(
-                        insert(instances).values(
-                            service=name,
-                            id=instance,
-                            url=url,
-                            weight=weight,
-                            registered_at=now,
-                            last_seen=now,
-                            healthy=True,
-                        )
-                    )
-                else:
-                    await conn.execute(
-                        update(instances)
-                        .where(key)
-                        .values(url=url, weight=weight, last_seen=now, healthy=True)
-                    )
-                view = instance_view((await conn.execute(select(instances).where(key))).one())
-                return row is None or not row.healthy or row.url != url or row.weight != weight
-
-            rev, _ = await self._membership_locked(
-                name, instance, now, mutate, lambda: "register" if created else "heartbeat"
-            )
-            return view, rev, created
-
-    async def deregister(self, name: str, instance: str) -> int:
-        key = (instances.c.service == name) & (instances.c.id == instance)
-
-        async def mutate(conn: AsyncConnection, _policy: InstancePolicy) -> bool:
-            if (await conn.execute(delete(instances).where(key))).rowcount != 1:
-                raise instance_not_found(name, instance)
-            return True
-
-        async with self._one_writer:
-            now = datetime.now(UTC)
-            rev, _ = await self._membership_locked(
-                name, instance, now, mutate, lambda: "deregister"
-            )
-            return rev
-
-    async def reap(self) -> int:
-        """Mark instances that missed their TTL unhealthy, remove those past `removeAfter`.
-        Safe on every replica: each update is conditional, so only one of them changes a row
-        (and bumps the revision). Returns the number of instances changed here."""
-        now = datetime.now(UTC)
-        async with self._engine.connect() as conn:
-            rows = (await conn.execute(select(instances))).all()
-            if not rows:
-                return 0
-            names = sorted({r.service for r in rows})
-            documents = dict(
-                (
-                    await conn.execute(
-                        select(services.c.name, services.c.document).where(
-                            services.c.name.in_(names)
-                        )
-                    )
-                ).all()
-            )
-        due = []
-        for row in rows:
-            policy = instance_policy(documents.get(row.service))
-            if policy is None:
-                continue
-            age = (now - _utc(row.last_seen)).total_seconds()
-            if age > policy.removeAfter or (row.healthy and age > policy.ttl):
-                due.append((row.service, row.id))
-        changed = 0
-        for name, instance in due:
-            try:
-                changed += await self._reap_one(name, instance, now)
-            except Problem:
-                continue  # the service went away or stopped taking instances meanwhile
-        return changed
-
-    async def _reap_one(self, name: str, instance: str, now: datetime) -> bool:
-        key = (instances.c.service == name) & (instances.c.id == instance)
-        what = "expire"
-
-        async def mutate(conn: AsyncConnection, policy: InstancePolicy) -> bool:
-            nonlocal what
-            # Conditional: a heartbeat (or another replica's reaper) that came first wins.
-            removed = await conn.execute(
-                delete(instances).where(
-                    key, instances.c.last_seen < now - timedelta(seconds=policy.removeAfter)
-                )
-            )
-            if removed.rowcount == 1:
-                what = "remove"
-                return True
-            expired = await conn.execute(
-                update(instances)
-                .where(key, instances.c.healthy.is_(True))
-                .where(instances.c.last_seen < now - timedelta(seconds=policy.ttl))
-                .values(healthy=False)
-            )
-            return bool(expired.rowcount == 1)
-
-        async with self._one_writer:
-            _, changed = await self._membership_locked(name, instance, now, mutate, lambda: what)
-        return changed
-
-    async def _membership_locked(
-        self,
-        name: str,
-        instance: str,
-        now: datetime,
-        mutate: Callable[[AsyncConnection, InstancePolicy], Awaitable[bool]],
-        action: Callable[[], str],
-    ) -> tuple[int, bool]:
-        """One instance change of `name` in one transaction; when `mutate` says the
-        membership changed: a new revision, a MODIFIED change with the effective document and
-        an audit row (actor `instance:<id>`). Returns the revision (the current one if not)."""
-        async with self._writer.begin() as conn:
-            head = await _head(conn, lock=True)
-            row = (await conn.execute(select(services).where(services.c.name == name))).first()
-            current = _current(row)
-            if current is None:
-                raise not_found(name)
-            policy = instance_policy(current.document)
-            if policy is None:
-                raise instances_not_enabled(name)
-            before = await _healthy(conn, name)
-            if not await mutate(conn, policy):
-                return head, False
-            after = await _healthy(conn, name)
-            rev = head + 1
-            rv = current.resource_version
-            routed_before = served(effective(current.document, before), rv)
-            routed_after = served(effective(current.document, after), rv)
-            await self._record(
-                conn,
-                rev,
-                name,
-                (MODIFIED, routed_after),
-                f"instance:{instance}",
-                action(),
-                routed_before,
-                routed_after,
-                now,
-            )
-        self._on_commit(rev)
-        return rev, True
 
     @staticmethod
     async def _write_service(
@@ -595,33 +420,26 @@ class ServiceStore:
             await conn.execute(update(services).where(services.c.name == name).values(**values))
 
 
-async def _head(conn: AsyncConnection, *, lock: bool = False) -> int:
+async def read_head(conn: AsyncConnection, *, lock: bool = False) -> int:
     query = select(revision.c.value).where(revision.c.id == 1)
     if lock:
         query = query.with_for_update()  # a no-op on SQLite, where BEGIN IMMEDIATE already locks
     return int((await conn.execute(query)).scalar_one())
 
 
-async def _healthy(conn: AsyncConnection, name: str) -> list[Row[Any]]:
-    query = (
-        select(instances)
-        .where(instances.c.service == name, instances.c.healthy.is_(True))
-        .order_by(instances.c.registered_at, instances.c.id)
-    )
-    return list((await conn.execute(query)).all())
-
-
-def _current(row: Row[Any] | None) -> Current | None:
+def current_of(row: Row[Any] | None) -> Current | None:
     if row is None:
         return None
-    return Current(row.document, row.resource_version, _utc(row.created_at))
+    return Current(row.document, row.resource_version, utc(row.created_at))
 
 
 def _audit_entry(row: Row[Any]) -> dict[str, Any]:
     return {
         "revision": row.revision,
-        "at": _utc(row.at).isoformat().replace("+00:00", "Z"),
+        "at": utc(row.at).isoformat().replace("+00:00", "Z"),
         "actor": row.actor,
+        "clientId": row.client_id,
+        "org": row.org,
         "action": row.action,
         "service": row.service,
         "before": row.before,

@@ -4,6 +4,10 @@ Each stream keeps only its last revision. Woken by the notifier (or by its heart
 it reads the changes after that revision from the database and writes them out in order. If
 the next change it needs was already pruned (it fell off the kept window), it sends a full
 snapshot instead and carries on from the snapshot's revision.
+
+A caller without registry:admin does not see other organizations' drafts (registry.ownership):
+they are left out of its snapshots, and their changes out of its stream, deletions included
+(the deleted document comes from the change's audit row).
 """
 
 from __future__ import annotations
@@ -15,9 +19,12 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy.exc import SQLAlchemyError
 
+from registry.auth import principal
 from registry.errors import invalid_query, revision_from_the_future
+from registry.ownership import Authority
 from registry.query import query_value
 from registry.state import STATE, RegistryState
+from registry.store import Change
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +60,23 @@ def requested_since(request: web.Request) -> int | None:
 
 
 class WatchStream:
-    def __init__(self, state: RegistryState, response: web.StreamResponse) -> None:
+    def __init__(
+        self, state: RegistryState, response: web.StreamResponse, authority: Authority
+    ) -> None:
         self.state = state
         self.response = response
         self.events = state.metrics.watch_events
+        self.authority = authority
+        self.filtered = not authority.admin
+
+    def _shows(self, change: Change) -> bool:
+        document = change.document if change.document is not None else change.deleted
+        return document is None or self.authority.sees(document)
 
     async def snapshot(self) -> int:
         revision, services = await self.state.store.snapshot()
+        if self.filtered:
+            services = [service for service in services if self.authority.sees(service)]
         await self.response.write(
             _event("snapshot", revision, {"revision": revision, "services": services})
         )
@@ -69,16 +86,18 @@ class WatchStream:
     async def catch_up(self, last: int) -> int:
         """Send every change after `last`; the revision the client has now."""
         while True:
-            batch = await self.state.store.changes_after(last, BATCH)
+            batch = await self.state.store.changes_after(last, BATCH, with_deleted=self.filtered)
             if not batch:
                 return last
             if batch[0].revision != last + 1:
                 last = await self.snapshot()  # the change after `last` was pruned
                 continue
-            await self.response.write(
-                b"".join(_event("change", c.revision, c.event()) for c in batch)
-            )
-            self.events.labels("change").inc(len(batch))
+            shown = [c for c in batch if self._shows(c)] if self.filtered else batch
+            if shown:
+                await self.response.write(
+                    b"".join(_event("change", c.revision, c.event()) for c in shown)
+                )
+                self.events.labels("change").inc(len(shown))
             last = batch[-1].revision
             if len(batch) < BATCH:
                 return last
@@ -90,6 +109,8 @@ class WatchStream:
 
 async def watch(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
+    authority = Authority(principal(request))
+    authority.require_read()
     since = requested_since(request)
     head = await state.store.revision()
     if since is not None and since > head:
@@ -103,7 +124,7 @@ async def watch(request: web.Request) -> web.StreamResponse:
         }
     )
     await response.prepare(request)
-    stream = WatchStream(state, response)
+    stream = WatchStream(state, response, authority)
     notifier = state.notifier
     state.metrics.watchers.inc()
     try:

@@ -24,7 +24,7 @@ async def test_migrations_match_the_models_and_run_twice_without_harm(database_u
         async with engine.connect() as conn:
             assert await conn.run_sync(_differences) == []
             head = await conn.exec_driver_sql("SELECT version_num FROM alembic_version")
-            assert head.scalar_one() == "0002"
+            assert head.scalar_one() == "0003"
             counter = await conn.exec_driver_sql("SELECT id, value FROM revision")
             assert counter.all() == [(1, 0)]
     finally:

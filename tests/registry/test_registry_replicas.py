@@ -65,5 +65,5 @@ async def test_replicas_starting_together_on_an_empty_database_migrate_once(
 ) -> None:
     started = await asyncio.gather(*(start_on_postgres() for _ in range(3)))
     versions = await sql(postgres_url, "SELECT version_num FROM alembic_version")
-    assert [v["version_num"] for v in versions] == ["0002"]
+    assert [v["version_num"] for v in versions] == ["0003"]
     assert len({r.admin_token for r in started}) == 1  # one token file, created once
