@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from operators.cli import add_operator_parser, run_operator
+
 EXIT_USAGE = 2
 EXIT_CONFIG = 3
 
@@ -165,12 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--audience", metavar="AUD", default=_env("AUDIENCE"), help="required 'aud' of tokens"
     )
 
-    for name, what in (
-        ("identity", "the OIDC identity hub"),
-        ("operator", "the Kubernetes operator"),
-    ):
+    for name, what in (("identity", "the OIDC identity hub"),):
         p = sub.add_parser(name, help=f"run {what} (not in this version yet)")
         _add_server_args(p, 0)
+    add_operator_parser(sub)
     sub.add_parser("version", help="print the version")
     _add_registry_commands(sub)
     return parser
@@ -430,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_client_command(args)
         if args.command == "registry":
             return _run_registry(args)
+        if args.command == "operator":
+            return run_operator(args)
         if args.command in ("identity", "operator"):
             raise CliError(f"'cityplane {args.command}' is not in this version yet", EXIT_USAGE)
         parser.print_help()

@@ -358,14 +358,16 @@ class Probes(Strict):
         return path
 
 
+def _default_grants() -> list[GrantType]:
+    return ["authorization_code", "refresh_token"]
+
+
 class AppIdentity(Strict):
     """The app's OIDC client at the identity hub (docs/identity-api.md, ClientSpec)."""
 
     redirectUris: list[str] = []
     scopes: list[str] = Field(default_factory=lambda: ["openid"])
-    grantTypes: list[GrantType] = Field(
-        default_factory=lambda: ["authorization_code", "refresh_token"], min_length=1
-    )
+    grantTypes: list[GrantType] = Field(default_factory=_default_grants, min_length=1)
     publicClient: bool = Field(default=False, description="no secret (browser or mobile app)")
     minTrustLevel: int = Field(default=1, ge=1, le=4, description="lowest acr level it accepts")
     postLogoutRedirectUris: list[str] = []
