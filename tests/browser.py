@@ -1,6 +1,6 @@
 """Real headless Chromium for login-page tests: Debian's browser, driven by Playwright.
 
-Fixtures (registered for the whole tests tree by one import line in ``tests/conftest.py``):
+Fixtures (a test module lists ``pytest_plugins = ["tests.browser"]``, or a conftest imports them):
 
 - ``chromium`` (session): one Chromium process for the whole run, started from
   ``/usr/bin/chromium`` (Debian's package; never a browser downloaded by ``playwright install``).
@@ -15,12 +15,25 @@ platform passkey provider with user verification) to a page; ``skip_without_chro
 when there is no Chromium, and fails instead when ``CI`` is set; ``launch_chromium()`` starts a
 private browser with Playwright's ``executable_path`` for a test that needs its own flags.
 
+Use (a test module; a conftest can import the fixtures instead)::
+
+    pytest.register_assert_rewrite("tests.browser")
+    from tests.browser import Page, Serve, virtual_authenticator
+    pytest_plugins = ["tests.browser"]
+
+    async def test_login_page_signs_in_with_a_passkey(page: Page, live_server: Serve) -> None:
+        server = await live_server(make_identity_app())     # http://localhost:PORT
+        authenticator = await virtual_authenticator(page)   # before the ceremony starts
+        await page.goto(server.url("/login"))
+        await page.click("[data-passkey=login]")
+        await page.wait_for_url(server.url("/account"))
+
 Why one process but a connection per test: tests run in a fresh event loop each
 (``asyncio_default_fixture_loop_scope = "function"``) and Playwright objects belong to the loop
 that made them, so a session-wide Playwright ``Browser`` would force every fixture of every
 browser test into one shared loop; a mismatch there fails silently (a server fixture in the
 test's loop never answers). Keeping the *process* for the session and connecting over CDP per
-test costs about 0.35 s per test instead of about 0.7 s for a launch per test (measured here,
+test costs about 0.34 s per test instead of about 0.67 s for a launch per test (measured here,
 see docs/adr/0012-passkeys.md).
 """
 
@@ -43,6 +56,27 @@ from typing import Any
 import pytest
 from aiohttp import web
 from playwright.async_api import Browser, CDPSession, Page, async_playwright
+from playwright.async_api import Error as PlaywrightError
+
+__all__ = [
+    "Browser",
+    "ChromiumProcess",
+    "LiveServer",
+    "Page",
+    "PlaywrightError",
+    "Serve",
+    "VirtualAuthenticator",
+    "browser",
+    "chromium",
+    "chromium_available",
+    "launch_chromium",
+    "live_server",
+    "page",
+    "serve",
+    "skip_without_chromium",
+    "virtual_authenticator",
+    "wait_for",
+]
 
 CHROMIUM = Path(os.environ.get("CITYPLANE_CHROMIUM", "/usr/bin/chromium"))
 log = logging.getLogger("tests.browser")
@@ -183,6 +217,8 @@ async def launch_chromium(*args: str) -> AsyncIterator[Browser]:
 @pytest.fixture
 async def page(browser: Browser) -> AsyncIterator[Page]:
     context = await browser.new_context()
+    # Fail in seconds, not Playwright's 30 s: a login page either answers at once or is broken.
+    context.set_default_timeout(10_000)
     opened = await context.new_page()
     # Page console output and uncaught errors land in the test's captured log.
     opened.on("console", lambda message: log.info("console.%s: %s", message.type, message.text))
@@ -279,8 +315,11 @@ async def serve(app: web.Application) -> AsyncIterator[LiveServer]:
         await runner.cleanup()
 
 
+Serve = Callable[[web.Application], Awaitable[LiveServer]]
+
+
 @pytest.fixture
-async def live_server() -> AsyncIterator[Callable[[web.Application], Awaitable[LiveServer]]]:
+async def live_server() -> AsyncIterator[Serve]:
     running: list[Any] = []
 
     async def start(app: web.Application) -> LiveServer:

@@ -15,7 +15,6 @@ import os
 import re
 import struct
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,12 @@ from identity.trust.passkey import (
 )
 
 pytest.register_assert_rewrite("tests.browser")  # before the import: it is a pytest plugin too
-from tests.browser import LiveServer, VirtualAuthenticator, virtual_authenticator  # noqa: E402
+from tests.browser import (  # noqa: E402
+    LiveServer,
+    Serve,
+    VirtualAuthenticator,
+    virtual_authenticator,
+)
 
 # The browser fixtures (chromium, browser, page, live_server) of the harness.
 pytest_plugins = ["tests.browser"]
@@ -50,7 +54,6 @@ PASSKEY_JS = Path(identity.web.__file__).parent / "static" / "passkey.js"
 ORIGIN = "https://id.city.example"
 RP = RelyingParty(id="id.city.example", name="CityPlane", origins=(ORIGIN,))
 ADA = b"ada-user-handle-0001"
-Serve = Callable[[web.Application], Awaitable[LiveServer]]
 
 
 def b64url(data: bytes) -> str:
