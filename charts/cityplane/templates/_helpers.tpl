@@ -18,9 +18,14 @@
 {{- end }}
 {{- end }}
 
-{{/* (dict "ctx" $ "component" "gateway") -> <fullname>-gateway */}}
+{{/*
+(dict "ctx" $ "component" "gateway") -> <fullname>-gateway. The base name is cut, never the
+suffix, so long release names cannot make two objects' names collide.
+*/}}
 {{- define "cityplane.componentName" -}}
-{{- printf "%s-%s" (include "cityplane.fullname" .ctx) .component | trunc 63 | trimSuffix "-" }}
+{{- $suffix := printf "-%s" .component }}
+{{- $base := include "cityplane.fullname" .ctx | trunc (int (sub 63 (len $suffix))) | trimSuffix "-" }}
+{{- printf "%s%s" $base $suffix }}
 {{- end }}
 
 {{- define "cityplane.chart" -}}
@@ -109,6 +114,14 @@ imagePullSecrets:
 {{- printf "http://%s.%s.svc:%v" (include "cityplane.componentName" (dict "ctx" . "component" "identity")) .Release.Namespace .Values.identity.service.port }}
 {{- end }}
 
+{{/* The gateway's public URL (CityApps' status.url): its first ingress host, if any. */}}
+{{- define "cityplane.gatewayUrl" -}}
+{{- $ing := .Values.gateway.ingress }}
+{{- if and $ing.enabled $ing.hosts }}
+{{- printf "%s://%s" (ternary "https" "http" (gt (len $ing.tls) 0)) (first $ing.hosts).host }}
+{{- end }}
+{{- end }}
+
 {{/* What tokens carry in `iss`: the public URL when set, else the in-cluster one. */}}
 {{- define "cityplane.identityIssuer" -}}
 {{- if .Values.identity.issuer }}
@@ -123,12 +136,12 @@ imagePullSecrets:
 {{/* Secrets -------------------------------------------------------------------------------- */}}
 
 {{- define "cityplane.adminTokensSecretName" -}}
-{{- default (printf "%s-admin-tokens" (include "cityplane.fullname" .)) .Values.adminTokens.existingSecret }}
+{{- default (include "cityplane.componentName" (dict "ctx" . "component" "admin-tokens")) .Values.adminTokens.existingSecret }}
 {{- end }}
 
 {{/* The Secret the chart writes for passwords given as plain values. */}}
 {{- define "cityplane.externalSecretName" -}}
-{{- printf "%s-external" (include "cityplane.fullname" .) }}
+{{- include "cityplane.componentName" (dict "ctx" . "component" "external") }}
 {{- end }}
 
 {{- define "cityplane.externalSecretNeeded" -}}
