@@ -4,7 +4,9 @@ Fixtures (a test module lists ``pytest_plugins = ["tests.browser"]``, or a conft
 
 - ``chromium`` (session): one Chromium process for the whole run, started from
   ``/usr/bin/chromium`` (Debian's package; never a browser downloaded by ``playwright install``).
-- ``browser`` (per test): a Playwright connection to that process, in the test's event loop.
+- ``chromium_browser`` (per test): a Playwright connection to that process, in the test's
+  event loop. (Not called ``browser``: tests/identity/conftest.py has a ``browser`` fixture
+  for its form-posting client, and would shadow it under tests/identity.)
 - ``page`` (per test): a page in a fresh browser context, so cookies and storage never leak
   from one test to the next.
 - ``live_server`` (per test): ``await live_server(app)`` runs an aiohttp app on 127.0.0.1 and
@@ -66,9 +68,9 @@ __all__ = [
     "PlaywrightError",
     "Serve",
     "VirtualAuthenticator",
-    "browser",
     "chromium",
     "chromium_available",
+    "chromium_browser",
     "launch_chromium",
     "live_server",
     "page",
@@ -188,7 +190,7 @@ def chromium() -> Iterator[ChromiumProcess]:
 
 
 @pytest.fixture
-async def browser(chromium: ChromiumProcess) -> AsyncIterator[Browser]:
+async def chromium_browser(chromium: ChromiumProcess) -> AsyncIterator[Browser]:
     if chromium.process.poll() is not None:
         pytest.fail(f"Chromium exited with {chromium.process.returncode} during the test run")
     async with async_playwright() as playwright:
@@ -215,8 +217,8 @@ async def launch_chromium(*args: str) -> AsyncIterator[Browser]:
 
 
 @pytest.fixture
-async def page(browser: Browser) -> AsyncIterator[Page]:
-    context = await browser.new_context()
+async def page(chromium_browser: Browser) -> AsyncIterator[Page]:
+    context = await chromium_browser.new_context()
     # Fail in seconds, not Playwright's 30 s: a login page either answers at once or is broken.
     context.set_default_timeout(10_000)
     opened = await context.new_page()

@@ -42,14 +42,14 @@ async def test_live_server_is_a_secure_context_on_localhost(
 
 
 async def test_each_test_gets_a_page_without_cookies_of_other_pages(
-    page: Page, browser: harness.Browser, live_server: harness.Serve
+    page: Page, chromium_browser: harness.Browser, live_server: harness.Serve
 ) -> None:
     server = await live_server(cookie_app())
     await page.goto(server.url("/set"))
     await page.goto(server.url("/show"))
     assert await page.text_content("#seen") == "from-an-earlier-test"
     # The next test's page is a new context of the same browser, like this one.
-    fresh = await browser.new_context()
+    fresh = await chromium_browser.new_context()
     other = await fresh.new_page()
     await other.goto(server.url("/show"))
     assert await other.text_content("#seen") == "none"

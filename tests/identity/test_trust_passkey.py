@@ -47,7 +47,7 @@ from tests.browser import (  # noqa: E402
     virtual_authenticator,
 )
 
-# The browser fixtures (chromium, browser, page, live_server) of the harness.
+# The browser fixtures (chromium, chromium_browser, page, live_server) of the harness.
 pytest_plugins = ["tests.browser"]
 
 PASSKEY_JS = Path(identity.web.__file__).parent / "static" / "passkey.js"
