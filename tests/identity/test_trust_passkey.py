@@ -656,3 +656,17 @@ async def test_login_without_user_verification_is_refused_by_the_server(
     assert "did not verify you" in await status_after_click(page, "login")
     assert passkeys.refusals == ["user_verification"]
     assert passkeys.logins == ["ada"]
+
+
+async def test_same_authenticator_is_not_registered_twice(
+    page: Page, site: tuple[PasskeySite, LiveServer]
+) -> None:
+    passkeys, server = site
+    authenticator = await virtual_authenticator(page)
+    await page.goto(server.url("/"))
+    assert await status_after_click(page, "register") == "Passkey added."
+    # The second options list the first credential in excludeCredentials (§5.4).
+    assert await status_after_click(page, "register") == (
+        "This authenticator already holds a passkey for this account."
+    )
+    assert len(passkeys.passkeys) == 1 and len(await authenticator.credentials()) == 1
