@@ -44,6 +44,17 @@ async def eventually(
     raise AssertionError(f"timed out waiting for {what}; last seen: {last!r}")
 
 
+async def eventually_async(
+    probe: Callable[[], Awaitable[bool]], *, timeout: float = 8.0, what: str = "condition"
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await probe():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -100,7 +111,7 @@ async def start_operator(kube: KubeEmulator) -> AsyncIterator[StartOperator]:
         settings = OperatorSettings(
             registry=Endpoint(registry_url, registry_token),
             identity=Endpoint(hub_url or (hub.url if hub else ""), hub.token if hub else None),
-            health_port=None,
+            health_port=overrides.pop("health_port", None),
             timing=overrides.pop("timing", FAST),
             http_timeout=2.0,
             **overrides,

@@ -25,6 +25,7 @@ import asyncio
 import copy
 import datetime
 import uuid
+import warnings
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -46,7 +47,9 @@ class KubeEmulator(kmock.KubernetesEmulator):
     def with_cityplane(cls) -> KubeEmulator:
         emulator = cls()
         # kopf waits forever for namespaces/CRDs in discovery without the built-in list.
-        emulator.resources.load_bundled()
+        with warnings.catch_warnings():  # kmock 0.8 reads it with a deprecated importlib call
+            warnings.simplefilter("ignore", DeprecationWarning)
+            emulator.resources.load_bundled()
         emulator.resources[CITYAPPS] = kmock.ResourceInfo(
             kind="CityApp",
             singular="cityapp",

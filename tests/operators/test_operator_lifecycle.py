@@ -4,6 +4,7 @@ update, rotate, drift, delete."""
 from __future__ import annotations
 
 import base64
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import yaml
 
 from cityplane.client import RegistryClient
 from registry.app import RunningRegistry
-from tests.operators.conftest import StartOperator, eventually
+from tests.operators.conftest import StartOperator, eventually, eventually_async
 from tests.operators.hub_double import HubDouble
 from tests.operators.kube_emulator import CITYAPPS, KubeEmulator
 
@@ -92,3 +93,223 @@ async def test_creating_a_cityapp_deploys_registers_and_provisions_it(
     assert status["observedGeneration"] == 1
     ready = condition(kube.get(CITYAPPS, NS, NAME), "Ready")
     assert ready is not None and ready["status"] == "False" and ready["reason"] == "Progressing"
+
+
+async def registered(kube: KubeEmulator, name: str = NAME) -> dict[str, Any]:
+    return await eventually(
+        lambda: (
+            (c := condition(kube.get(CITYAPPS, NS, name), "Registered"))
+            and c["status"] == "True"
+            and kube.get(CITYAPPS, NS, name)
+        ),
+        what="the app to be registered",
+    )
+
+
+async def test_updating_a_cityapp_patches_its_objects_and_registry_entry(
+    kube: KubeEmulator, registry: RunningRegistry, hub: HubDouble, start_operator: StartOperator
+) -> None:
+    await start_operator(registry_url=registry.url, registry_token=registry.admin_token, hub=hub)
+    await create(kube, example())
+    await registered(kube)
+
+    routes = copy.deepcopy(example()["spec"]["routes"])
+    routes[0]["match"]["pathPrefix"] = "/tracker/v2/"
+    await patch(
+        kube,
+        {
+            "spec": {
+                "autoscaling": {"maxReplicas": 20},
+                "env": [
+                    {"name": "LOG_LEVEL", "value": "debug"},
+                    {"name": "REGION", "value": "north"},
+                ],
+                "routes": routes,
+            }
+        },
+    )
+
+    def updated() -> bool:
+        app = kube.get(CITYAPPS, NS, NAME) or {}
+        return (app.get("status") or {}).get("observedGeneration") == 2
+
+    await eventually(updated, what="generation 2 to be observed")
+    hpa = kube.get("autoscaling/v2/horizontalpodautoscalers", NS, NAME)
+    assert hpa is not None and hpa["spec"]["maxReplicas"] == 20
+    deployment = kube.get("apps/v1/deployments", NS, NAME)
+    assert deployment is not None
+    env = {
+        e["name"]: e.get("value")
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["LOG_LEVEL"] == "debug" and env["REGION"] == "north"
+    async with RegistryClient(registry.url, registry.admin_token) as client:
+        stored = await client.get_service("transport-bus-tracker")
+    assert stored is not None and stored.spec.routes[0].match.pathPrefix == "/tracker/v2/"
+    # the OIDC client was updated in place, its secret kept
+    secret = kube.get("v1/secrets", NS, f"{NAME}-oidc")
+    assert secret is not None
+    assert secret_value(secret, "client_secret") == hub.secrets["transport.bus-tracker"]
+    assert [m for m, p in hub.requests if p.endswith("/secret")] == []
+
+
+async def test_app_turns_ready_once_its_pods_are_and_drift_is_corrected(
+    kube: KubeEmulator, registry: RunningRegistry, hub: HubDouble, start_operator: StartOperator
+) -> None:
+    await start_operator(registry_url=registry.url, registry_token=registry.admin_token, hub=hub)
+    await create(kube, example())
+    await registered(kube)
+
+    # what the deployment controller would report once two pods are ready
+    path = f"/apis/apps/v1/namespaces/{NS}/deployments/{NAME}"
+    deployment = kube.get("apps/v1/deployments", NS, NAME)
+    assert deployment is not None
+    generation = deployment["metadata"]["generation"]
+    async with kube.patch(
+        path + "/status",
+        json={
+            "status": {
+                "observedGeneration": generation,
+                "readyReplicas": 2,
+                "updatedReplicas": 2,
+                "replicas": 2,
+            }
+        },
+    ) as resp:
+        assert resp.status == 200
+    ready = await eventually(
+        lambda: (
+            (c := condition(kube.get(CITYAPPS, NS, NAME), "Ready")) and c["status"] == "True" and c
+        ),
+        what="Ready=True",
+    )
+    assert ready["reason"] == "Ready"
+
+    # someone edits the Deployment by hand: the drift check puts the image back
+    async with kube.patch(
+        path,
+        json={
+            "spec": {
+                "template": {
+                    "spec": {"containers": [{"name": "app", "image": "evil/miner:latest"}]}
+                }
+            }
+        },
+    ) as resp:
+        assert resp.status == 200
+
+    def image() -> str:
+        live = kube.get("apps/v1/deployments", NS, NAME) or {}
+        return str(live["spec"]["template"]["spec"]["containers"][0]["image"])
+
+    await eventually(lambda: image() == example()["spec"]["image"], what="the image restored")
+    # and the registry entry, deleted behind the operator's back, comes back
+    async with RegistryClient(registry.url, registry.admin_token) as client:
+        await client.delete_service("transport-bus-tracker")
+
+    async def probe() -> bool:
+        async with RegistryClient(registry.url, registry.admin_token) as client:
+            return await client.get_service("transport-bus-tracker") is not None
+
+    await eventually_async(probe, what="the registry entry restored")
+
+
+async def test_rotation_annotation_rotates_the_secret_and_rolls_the_pods(
+    kube: KubeEmulator, registry: RunningRegistry, hub: HubDouble, start_operator: StartOperator
+) -> None:
+    await start_operator(registry_url=registry.url, registry_token=registry.admin_token, hub=hub)
+    await create(kube, example())
+    await registered(kube)
+    first = hub.secrets["transport.bus-tracker"]
+
+    def template_revision() -> str:
+        live = kube.get("apps/v1/deployments", NS, NAME) or {}
+        return str(
+            live["spec"]["template"]["metadata"]["annotations"]["cityplane.io/oidc-secret-revision"]
+        )
+
+    assert template_revision() == "1"
+
+    await patch(kube, {"metadata": {"annotations": {"cityplane.io/rotate-secret": "2026-11-21"}}})
+
+    def rotated() -> bool:
+        secret = kube.get("v1/secrets", NS, f"{NAME}-oidc") or {}
+        return bool(secret) and secret_value(secret, "client_secret") != first
+
+    await eventually(rotated, what="a new secret in the Secret")
+    secret = kube.get("v1/secrets", NS, f"{NAME}-oidc")
+    assert secret is not None
+    assert secret_value(secret, "client_secret") == hub.secrets["transport.bus-tracker"]
+    await eventually(lambda: template_revision() == "2", what="the pod template to roll")
+    # the same annotation value again (drift checks, resumes) rotates nothing more
+    rotations = len([p for _, p in hub.requests if p.endswith("/secret")])
+    await patch(kube, {"spec": {"env": [{"name": "LOG_LEVEL", "value": "warn"}]}})
+    await eventually(
+        lambda: (
+            (kube.get(CITYAPPS, NS, NAME) or {}).get("status", {}).get("observedGeneration") == 2
+        ),
+        what="generation 2",
+    )
+    assert len([p for _, p in hub.requests if p.endswith("/secret")]) == rotations
+
+
+async def test_lost_secret_is_replaced_with_a_new_one(
+    kube: KubeEmulator, registry: RunningRegistry, hub: HubDouble, start_operator: StartOperator
+) -> None:
+    await start_operator(registry_url=registry.url, registry_token=registry.admin_token, hub=hub)
+    await create(kube, example())
+    await registered(kube)
+    first = hub.secrets["transport.bus-tracker"]
+    async with kube.delete(f"/api/v1/namespaces/{NS}/secrets/{NAME}-oidc") as resp:
+        assert resp.status == 200
+
+    def replaced() -> bool:
+        secret = kube.get("v1/secrets", NS, f"{NAME}-oidc") or {}
+        return (
+            bool(secret)
+            and secret_value(secret, "client_secret") == hub.secrets["transport.bus-tracker"]
+        )
+
+    await eventually(replaced, what="a new Secret")
+    assert hub.secrets["transport.bus-tracker"] != first
+
+
+async def test_deleting_a_cityapp_removes_its_registry_entry_and_oidc_client(
+    kube: KubeEmulator, registry: RunningRegistry, hub: HubDouble, start_operator: StartOperator
+) -> None:
+    await start_operator(registry_url=registry.url, registry_token=registry.admin_token, hub=hub)
+    await create(kube, example())
+    app = await registered(kube)
+    assert "cityplane.io/finalizer" in app["metadata"]["finalizers"]
+
+    async with kube.delete(f"/apis/cityplane.io/v1alpha1/namespaces/{NS}/cityapps/{NAME}") as resp:
+        assert resp.status == 200
+    await eventually(lambda: kube.get(CITYAPPS, NS, NAME) is None, what="the CityApp to go")
+    assert "transport.bus-tracker" not in hub.clients
+    async with RegistryClient(registry.url, registry.admin_token) as client:
+        assert await client.get_service("transport-bus-tracker") is None
+
+
+async def test_removing_identity_deletes_the_client_and_its_secret(
+    kube: KubeEmulator, registry: RunningRegistry, hub: HubDouble, start_operator: StartOperator
+) -> None:
+    await start_operator(registry_url=registry.url, registry_token=registry.admin_token, hub=hub)
+    await create(kube, example())
+    await registered(kube)
+    await patch(kube, {"spec": {"identity": None}})
+
+    await eventually(lambda: kube.get("v1/secrets", NS, f"{NAME}-oidc") is None, what="no Secret")
+    assert "transport.bus-tracker" not in hub.clients
+    identity = await eventually(
+        lambda: (
+            (c := condition(kube.get(CITYAPPS, NS, NAME), "IdentityProvisioned"))
+            and c["reason"] == "NotRequested"
+            and c
+        ),
+        what="IdentityProvisioned=NotRequested",
+    )
+    assert identity["status"] == "True"
+    deployment = kube.get("apps/v1/deployments", NS, NAME)
+    assert deployment is not None
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert not [e for e in env if e["name"].startswith("CITYPLANE_OIDC_")]
