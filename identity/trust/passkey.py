@@ -148,6 +148,7 @@ def _error(reason: str) -> PasskeyError:
 # fragments (webauthn 3.0.1) sort them into reasons. The tests pin each reason, so a library
 # upgrade that rewords a message shows up as a failing test, not as a wrong reason.
 _REASON_BY_FRAGMENT = (
+    ("malformed", "malformed"),  # "attestationObject was malformed" is not an attestation verdict
     ("challenge", "challenge"),
     ("origin", "origin"),
     ("RP ID hash", "rp_id"),

@@ -368,6 +368,15 @@ def test_malformed_answers_are_refused_with_a_safe_message(garbage: Any) -> None
         credential_id_of(garbage)
 
 
+def test_registration_with_a_corrupt_attestation_object_is_malformed() -> None:
+    options, challenge = registration_options(RP, user_id=ADA, user_name="ada", display_name="Ada")
+    answer = SoftAuthenticator().create(options)
+    answer["response"]["attestationObject"] = b64url(b"\xa1not cbor")
+    with pytest.raises(PasskeyError) as failure:
+        verify_registration(RP, credential_json=answer, challenge=challenge, now=1.0)
+    assert failure.value.reason == "malformed"
+
+
 def test_answer_with_a_readable_id_but_no_response_is_refused() -> None:
     answer = {"id": "eA", "rawId": "eA", "type": "public-key", "response": {}}
     _, challenge = registration_options(RP, user_id=ADA, user_name="ada", display_name="Ada")
@@ -670,3 +679,16 @@ async def test_same_authenticator_is_not_registered_twice(
         "This authenticator already holds a passkey for this account."
     )
     assert len(passkeys.passkeys) == 1 and len(await authenticator.credentials()) == 1
+
+
+async def test_browser_side_messages_can_be_replaced_by_the_page(
+    page: Page, site: tuple[PasskeySite, LiveServer]
+) -> None:
+    # How a Chinese page words the browser's own failures (server messages come from the server).
+    _, server = site
+    await virtual_authenticator(page, has_user_verification=False)
+    await page.goto(server.url("/"))
+    await page.locator("#status").evaluate(
+        "(status) => status.setAttribute('data-msg-cancelled', '通行密钥请求已取消或超时。')"
+    )
+    assert await status_after_click(page, "register") == "通行密钥请求已取消或超时。"
