@@ -1,0 +1,187 @@
+"""The containers the chart renders, run for real on this machine: the registry and the gateway
+start from exactly the rendered arguments, settings and token Secret (with paths, hosts and
+ports moved to a scratch directory and free local ports), and every probe the chart declares
+answers 200. This is what a kubelet would see, minus the cluster."""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.charts.chart_support import RELEASE, container, find, render
+
+FULL = f"{RELEASE}-cityplane"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RenderedContainer:
+    """One rendered container run as a local process."""
+
+    def __init__(
+        self,
+        objects: list[dict[str, Any]],
+        deployment: str,
+        scratch: Path,
+        replace: dict[str, str],
+    ) -> None:
+        spec = find(objects, "Deployment", deployment)["spec"]["template"]["spec"]
+        self.container = container(objects, deployment)
+        self.ports = {p["name"]: _free_port() for p in self.container["ports"]}
+        by_number = {
+            str(p["containerPort"]): self.ports[p["name"]] for p in self.container["ports"]
+        }
+        # Mounted paths -> scratch directories; Secret volumes are written out as files.
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        paths: dict[str, str] = {}
+        for mount in self.container["volumeMounts"]:
+            local = scratch / mount["name"]
+            local.mkdir(parents=True, exist_ok=True)
+            paths[mount["mountPath"]] = str(local)
+            secret = volumes[mount["name"]].get("secret")
+            if secret:
+                data = find(objects, "Secret", secret["secretName"])["data"]
+                for item in secret["items"]:
+                    (local / item["path"]).write_bytes(base64.b64decode(data[item["key"]]))
+                    (local / item["path"]).chmod(0o600)
+        args = []
+        for arg in self.container["args"]:
+            flag, sep, value = arg.partition("=")
+            if sep:
+                if flag == "--host" or flag == "--status-host":
+                    value = "127.0.0.1"
+                elif value in by_number:
+                    value = str(by_number[value])
+                elif value in replace:
+                    value = replace[value]
+                else:
+                    for mount_path, local_path in paths.items():
+                        if value.startswith(mount_path):
+                            value = local_path + value[len(mount_path) :]
+            args.append(f"{flag}{sep}{value}")
+        self.args = args
+        # The pod's environment: only what the chart gives it (enableServiceLinks is false).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CITYPLANE_")}
+        configmap = self.container["envFrom"][0]["configMapRef"]["name"]
+        env |= find(objects, "ConfigMap", configmap)["data"]
+        for entry in self.container.get("env", []):
+            env[entry["name"]] = entry["value"]
+        self.log = scratch / "log"
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cityplane.cli", *args],
+                cwd=scratch,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def url(self, port_name: str, path: str = "") -> str:
+        return f"http://127.0.0.1:{self.ports[port_name]}{path}"
+
+    def probes(self) -> dict[str, str]:
+        """probe kind -> local URL, for every httpGet probe of the container."""
+        return {
+            kind: self.url(
+                self.container[kind]["httpGet"]["port"], self.container[kind]["httpGet"]["path"]
+            )
+            for kind in ("startupProbe", "livenessProbe", "readinessProbe")
+            if "httpGet" in self.container.get(kind, {})
+        }
+
+    def wait_until_ok(self, url: str, within: float = 20.0) -> int:
+        deadline = time.monotonic() + within
+        status = 0
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exited {self.proc.returncode}: {self.log.read_text()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    return int(response.status)
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"{url} answered {status}: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def objects() -> list[dict[str, Any]]:
+    return render()
+
+
+@pytest.fixture
+def registry(objects: list[dict[str, Any]], tmp_path: Path) -> Iterator[RenderedContainer]:
+    running = RenderedContainer(objects, f"{FULL}-registry", tmp_path / "registry", {})
+    yield running
+    running.stop()
+
+
+def test_the_rendered_registry_starts_and_answers_every_probe(registry: RenderedContainer) -> None:
+    probes = registry.probes()
+    assert set(probes) == {"startupProbe", "livenessProbe", "readinessProbe"}
+    for url in probes.values():
+        assert registry.wait_until_ok(url) == 200
+    # The bootstrap token it was given through the Secret is the one it accepts.
+    token_file = next(
+        a.partition("=")[2] for a in registry.args if a.startswith("--admin-token-file=")
+    )
+    request = urllib.request.Request(
+        registry.url("http", "/v1/services"),
+        headers={"Authorization": f"Bearer {Path(token_file).read_text().strip()}"},
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        assert response.status == 200
+
+
+def test_the_rendered_gateway_follows_the_rendered_registry_and_answers_every_probe(
+    objects: list[dict[str, Any]], registry: RenderedContainer, tmp_path: Path
+) -> None:
+    registry.wait_until_ok(registry.probes()["readinessProbe"])
+    in_cluster = next(
+        a.partition("=")[2]
+        for a in container(objects, f"{FULL}-gateway")["args"]
+        if a.startswith("--registry=")
+    )
+    gateway = RenderedContainer(
+        objects, f"{FULL}-gateway", tmp_path / "gateway", {in_cluster: registry.url("http")}
+    )
+    try:
+        probes = gateway.probes()
+        assert set(probes) == {"startupProbe", "livenessProbe", "readinessProbe"}
+        for url in probes.values():
+            assert gateway.wait_until_ok(url) == 200
+        with urllib.request.urlopen(gateway.url("status", "/metrics"), timeout=5) as response:
+            assert b"cityplane_" in response.read()
+        # The last good snapshot lands on the state-dir emptyDir.
+        state = tmp_path / "gateway" / "state"
+        deadline = time.monotonic() + 5
+        while not any(state.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert any(state.iterdir())
+    finally:
+        gateway.stop()
