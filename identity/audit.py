@@ -1,0 +1,124 @@
+"""The audit log: every login, step-up, consent, token issuance and admin change, append-only and
+hash-chained (identity/audit_chain.py).
+
+Writes are group-committed: `record()` queues an entry and waits until the transaction holding it
+has committed, so a response never claims something the log does not hold, while a burst of
+client-credentials grants costs one transaction per batch instead of one per token. The chain
+needs one writer at a time: PostgreSQL replicas take an advisory lock, SQLite's `BEGIN
+IMMEDIATE` already serializes writers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from sqlalchemy import insert, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cityplane.storage import is_postgresql, writer
+from identity.audit_chain import GENESIS, chain_hash, verify_chain
+from identity.models import audit_log
+
+log = logging.getLogger(__name__)
+
+_AUDIT_LOCK = 0x41554449  # "AUDI"
+_BATCH = 500
+
+
+class AuditLog:
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[None]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="audit-writer")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await self._queue.join()  # what was recorded gets written
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def record(
+        self,
+        action: str,
+        *,
+        actor: str | None = None,
+        subject: str | None = None,
+        client_id: str | None = None,
+        ip: str | None = None,
+        **detail: Any,
+    ) -> None:
+        entry = {
+            "at": time.time(),
+            "action": action,
+            "actor": actor,
+            "subject": subject,
+            "client_id": client_id,
+            "ip": ip,
+            "detail": detail,
+        }
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._queue.put((entry, done))
+        await done
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < _BATCH and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                await self._write([entry for entry, _ in batch])
+            except Exception as exc:  # the callers see the failure; the writer lives on
+                log.exception("audit write failed")
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                    self._queue.task_done()
+                continue
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
+                self._queue.task_done()
+
+    async def _write(self, entries: list[dict[str, Any]]) -> None:
+        async with writer(self._engine).begin() as conn:
+            if is_postgresql(self._engine):
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _AUDIT_LOCK})
+            last = (
+                await conn.execute(
+                    select(audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
+                )
+            ).first()
+            prev = last[0] if last else GENESIS
+            rows = []
+            for entry in entries:
+                prev = chain_hash(prev, entry)
+                rows.append({**entry, "hash": prev})
+            await conn.execute(insert(audit_log), rows)
+
+    async def entries(
+        self, *, subject: str | None = None, actions: tuple[str, ...] = (), limit: int = 100
+    ) -> list[dict[str, Any]]:
+        query = select(audit_log).order_by(audit_log.c.seq.desc()).limit(limit)
+        if subject is not None:
+            query = query.where(audit_log.c.subject == subject)
+        if actions:
+            query = query.where(audit_log.c.action.in_(actions))
+        async with self._engine.connect() as conn:
+            return [dict(r) for r in (await conn.execute(query)).mappings()]
+
+    async def verify(self) -> int | None:
+        """Index of the first entry whose hash does not match the chain, None when intact."""
+        async with self._engine.connect() as conn:
+            rows = (
+                (await conn.execute(select(audit_log).order_by(audit_log.c.seq))).mappings().all()
+            )
+        keys = ("at", "action", "actor", "subject", "client_id", "ip", "detail")
+        return verify_chain(({k: r[k] for k in keys}, r["hash"]) for r in rows)

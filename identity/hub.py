@@ -1,0 +1,139 @@
+"""The running hub's shared state and its settings: one object the handlers reach through the
+aiohttp app (`request.app[HUB]`)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cityplane.storage import sqlite_url
+from identity.audit import AuditLog
+from identity.bruteforce import LoginThrottle
+from identity.keys import KeyRing
+from identity.oidc.server import HubAuthorizationServer
+from identity.store import Account, IdentityStore
+from identity.trust.levels import TrustPolicy
+from identity.trust.password import PasswordHasher
+from identity.trust.realname import RealNameAuthority
+from identity.trust.realperson import FaceMatcher
+from identity.trust.sms import SmsSender
+
+
+@dataclass(slots=True)
+class IdentitySettings:
+    host: str = "127.0.0.1"
+    port: int = 8070  # 0: any free port
+    issuer: str | None = None  # default: http://<host>:<port>
+    data_dir: Path = Path(".cityplane")
+    database_url: str | None = None  # None: SQLite in <data_dir>/identity/identity.db
+    redis_url: str | None = None  # shared brute-force counters between replicas
+    admin_token_file: Path | None = None  # None: <data_dir>/identity-admin-token
+    trust_config: dict[str, Any] | None = None  # levels: see docs/trust-levels.md
+    signing_alg: str = "ES256"
+    access_token_ttl: int = 600
+    id_token_ttl: int = 600
+    refresh_token_ttl: int = 30 * 86400
+    code_ttl: int = 60
+    session_ttl: float = 12 * 3600.0
+    key_publish_ahead: float = 600.0
+    key_rotate_after: float = 30 * 86400.0
+    sms_outbox: Path | None = None  # None: <data_dir>/identity/sms-outbox.jsonl
+    realname_registry: Path | None = None  # reference authority file (development)
+    secure_cookies: bool | None = None  # None: when the issuer is https
+    demo: bool = False  # `cityplane up`: demo accounts and clients
+
+    def resolved_database_url(self) -> str:
+        return self.database_url or sqlite_url(self.data_dir / "identity" / "identity.db")
+
+    def resolved_admin_token_file(self) -> Path:
+        return self.admin_token_file or self.data_dir / "identity-admin-token"
+
+
+class HubMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.tokens = Counter(
+            "cityplane_identity_tokens_issued_total",
+            "Tokens issued by grant type",
+            ["grant_type"],
+            registry=self.registry,
+        )
+        self.token_errors = Counter(
+            "cityplane_identity_token_errors_total",
+            "Token requests refused",
+            ["grant_type", "error"],
+            registry=self.registry,
+        )
+        self.logins = Counter(
+            "cityplane_identity_verifications_total",
+            "Verification attempts by method and outcome",
+            ["method", "outcome"],
+            registry=self.registry,
+        )
+        self.requests = Histogram(
+            "cityplane_identity_request_duration_seconds",
+            "Request duration by route",
+            ["route"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass(slots=True)
+class Hub:
+    settings: IdentitySettings
+    issuer: str
+    engine: AsyncEngine
+    store: IdentityStore
+    keys: KeyRing
+    server: HubAuthorizationServer
+    audit: AuditLog
+    policy: TrustPolicy
+    hasher: PasswordHasher
+    throttle: LoginThrottle
+    sms: SmsSender
+    realname: RealNameAuthority
+    face: FaceMatcher
+    face_keys: Any
+    pepper: bytes
+    admin_token: str
+    secure_cookies: bool
+    metrics: HubMetrics = field(default_factory=HubMetrics)
+    ready: bool = False
+    demo: dict[str, Any] = field(default_factory=dict)  # what `seed_demo` made, for demo.json
+
+    def eidas(self, level: int) -> str:
+        return self.policy.eidas(level)
+
+    def userinfo(self, account: Account, scopes: list[str] | set[str]) -> dict[str, Any]:
+        """Claims by scope (OIDC Core §5.4)."""
+        claims: dict[str, Any] = {"sub": account.id}
+        if "profile" in scopes:
+            claims["name"] = account.display_name
+            claims["preferred_username"] = account.username
+            if account.locale:
+                claims["locale"] = account.locale
+            if account.real_name_verified_at:
+                claims["cityplane_real_name_verified"] = True
+        if "email" in scopes and account.email:
+            claims["email"] = account.email
+            claims["email_verified"] = False
+        if "phone" in scopes and account.phone:
+            claims["phone_number"] = account.phone
+            claims["phone_number_verified"] = True
+        return claims
+
+    def sid(self, session_id: str) -> str:
+        """The session id clients see (OIDC back-channel logout `sid`): not the cookie value."""
+        return hashlib.sha256(f"sid:{session_id}".encode()).hexdigest()[:32]
+
+
+HUB: Any = web.AppKey("hub", Hub) if hasattr(web, "AppKey") else "cityplane.hub"

@@ -1,0 +1,189 @@
+"""Signing keys and their rotation (RFC 7517 JWKS; OIDC Core §10.1.1 rollover).
+
+A key's life: published in the JWKS from `created_at`, signs from `active_from` (a rotation
+creates the next key `publish_ahead` seconds before it signs, so caches holding the old JWKS
+learn it first), stops signing at `retire_at`, and leaves the JWKS at `expire_at`, after the
+longest-lived token it signed has expired. Replicas share keys through the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cityplane.storage import writer
+from identity.models import signing_keys
+
+log = logging.getLogger(__name__)
+
+ALGORITHMS = ("ES256", "RS256")
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    kid: str
+    alg: str
+    private: Any  # cryptography private key
+    public_jwk: dict[str, Any]
+    created_at: float
+    active_from: float
+    retire_at: float | None
+    expire_at: float | None
+
+    def signs_at(self, now: float) -> bool:
+        return self.active_from <= now and (self.retire_at is None or now < self.retire_at)
+
+    def published_at(self, now: float) -> bool:
+        return self.created_at <= now and (self.expire_at is None or now < self.expire_at)
+
+
+def _generate(alg: str) -> tuple[Any, dict[str, Any]]:
+    if alg == "ES256":
+        private: Any = ec.generate_private_key(ec.SECP256R1())
+        jwk = ECAlgorithm.to_jwk(private.public_key(), as_dict=True)
+    elif alg == "RS256":
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        jwk = RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
+    else:
+        raise ValueError(f"unsupported signing algorithm {alg!r} (use one of {ALGORITHMS})")
+    return private, jwk
+
+
+def _pem(private: Any) -> str:
+    return private.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+
+
+class KeyRing:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        alg: str = "ES256",
+        token_lifetime: float = 3600.0,
+        publish_ahead: float = 600.0,
+        rotate_after: float = 30 * 86400.0,
+    ) -> None:
+        if alg not in ALGORITHMS:
+            raise ValueError(f"unsupported signing algorithm {alg!r} (use one of {ALGORITHMS})")
+        self._engine = engine
+        self.alg = alg
+        self.token_lifetime = token_lifetime  # the longest lifetime of anything we sign
+        self.publish_ahead = publish_ahead
+        self.rotate_after = rotate_after
+        self._keys: list[SigningKey] = []
+        self._jwks_cache: tuple[float, bytes] | None = None
+
+    async def load(self) -> None:
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(select(signing_keys))).mappings().all()
+        keys = []
+        for row in rows:
+            private = serialization.load_pem_private_key(row["private_pem"].encode(), None)
+            keys.append(
+                SigningKey(
+                    row["kid"],
+                    row["alg"],
+                    private,
+                    dict(row["public_jwk"]),
+                    row["created_at"],
+                    row["active_from"],
+                    row["retire_at"],
+                    row["expire_at"],
+                )
+            )
+        keys.sort(key=lambda k: k.active_from)
+        self._keys = keys
+        self._jwks_cache = None
+
+    async def ensure(self, now: float | None = None) -> None:
+        """At least one key signs now (first start: one that signs at once); rotate when the
+        signing key is older than `rotate_after`."""
+        now = time.time() if now is None else now
+        await self.load()
+        current = self._signing_or_none(now)
+        if current is None:
+            await self._add(now, active_from=now)
+        elif now - current.active_from >= self.rotate_after and not self._pending(now):
+            await self.rotate(now)
+
+    def _pending(self, now: float) -> bool:
+        return any(k.active_from > now for k in self._keys)
+
+    async def rotate(self, now: float | None = None) -> SigningKey:
+        """Publish a new key now; it signs `publish_ahead` seconds later, when the current one
+        retires. The current key stays in the JWKS until its last token has expired."""
+        now = time.time() if now is None else now
+        active_from = now + self.publish_ahead
+        current = self._signing_or_none(now)
+        new = await self._add(
+            now, active_from=active_from, retire_kid=current.kid if current else None
+        )
+        return new
+
+    async def _add(
+        self, now: float, *, active_from: float, retire_kid: str | None = None
+    ) -> SigningKey:
+        private, jwk = _generate(self.alg)
+        kid = f"{time.strftime('%Y%m%d', time.gmtime(now))}-{secrets.token_hex(4)}"
+        jwk.update({"kid": kid, "alg": self.alg, "use": "sig"})
+        async with writer(self._engine).begin() as conn:
+            if retire_kid is not None:
+                await conn.execute(
+                    update(signing_keys)
+                    .where(signing_keys.c.kid == retire_kid)
+                    .values(retire_at=active_from, expire_at=active_from + self.token_lifetime + 60)
+                )
+            await conn.execute(
+                insert(signing_keys).values(
+                    kid=kid,
+                    alg=self.alg,
+                    private_pem=_pem(private),
+                    public_jwk=jwk,
+                    created_at=now,
+                    active_from=active_from,
+                    retire_at=None,
+                    expire_at=None,
+                )
+            )
+        log.info("signing key %s published; signs from %s", kid, time.ctime(active_from))
+        await self.load()
+        return next(k for k in self._keys if k.kid == kid)
+
+    def _signing_or_none(self, now: float) -> SigningKey | None:
+        candidates = [k for k in self._keys if k.signs_at(now)]
+        return candidates[-1] if candidates else None
+
+    def signing_key(self, now: float | None = None) -> SigningKey:
+        key = self._signing_or_none(time.time() if now is None else now)
+        if key is None:  # ensure() runs at start and every minute; this is a bug, not input
+            raise RuntimeError("no signing key is active")
+        return key
+
+    def sign(self, claims: dict[str, Any], *, typ: str | None = None) -> str:
+        key = self.signing_key()
+        headers: dict[str, Any] = {"kid": key.kid}
+        if typ:
+            headers["typ"] = typ
+        return jwt.encode(claims, key.private, algorithm=key.alg, headers=headers)
+
+    def public_keys(self) -> dict[str, Any]:
+        """kid -> cryptography public key, for verifying our own tokens (introspection)."""
+        return {k.kid: k.private.public_key() for k in self._keys}
+
+    def jwks(self, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        return {"keys": [k.public_jwk for k in self._keys if k.published_at(now)]}

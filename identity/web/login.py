@@ -1,0 +1,386 @@
+"""The sign-in pages: password, the step-up methods, consent.
+
+`GET /login?flow=…` shows what `next_step` says is missing; each `POST /login` verifies one
+thing, records it in the session, and redirects back (303, so a reload never re-submits).
+Only the missing method is asked for: a level-1 session asked for level 3 sees the second
+factor, then real-name verification, nothing else.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+
+from identity.hub import HUB, Hub
+from identity.store import Account, DuplicateError, Session
+from identity.trust.otp import verify_totp
+from identity.trust.realname import AuthorityUnavailable
+from identity.trust.realperson import FaceResultInvalid, verify_face_result
+from identity.trust.resident_id import InvalidResidentId, parse_resident_id
+from identity.trust.sms import SmsChallenge, mask_phone
+from identity.web.authorize import (
+    FlowError,
+    authorize,
+    error_page,
+    error_redirect,
+    facts_of,
+    finish,
+    next_step,
+    requested_scopes,
+)
+from identity.web.i18n import Translator, language
+from identity.web.session import (
+    add_verification,
+    csrf_ok,
+    flow_of,
+    load_session,
+    redirect,
+    render,
+    save_flow,
+    set_cookie,
+    sign_in,
+    verifications,
+)
+
+MAX_PHOTO = 5 * 1024 * 1024
+
+
+async def _account(hub: Hub, session: Session) -> Account | None:
+    return await hub.store.account(session.account_id) if session.account_id else None
+
+
+async def login_page(request: web.Request) -> web.StreamResponse:
+    hub: Hub = request.app[HUB]
+    fid = request.query.get("flow", "")
+    session = await load_session(request)
+    flow = flow_of(session, fid)
+    if session is None or flow is None:
+        return error_page(request, _t(request, "expired_flow"))
+    if request.query.get("method"):
+        flow["method"] = request.query["method"]
+        save_flow(session, fid, flow)
+    account = await _account(hub, session)
+    try:
+        step, options = await next_step(hub, session, flow, account)
+    except FlowError as error:
+        save_flow(session, fid, None)
+        await hub.store.save_session(session)
+        if not flow.get("client_id"):
+            return error_page(request, error.description)
+        return error_redirect(dict(flow["params"]), error.error, error.description)
+    if step == "done":
+        assert account is not None
+        if not flow.get("client_id"):  # signing in to the hub itself (the account page)
+            save_flow(session, fid, None)
+            await hub.store.save_session(session)
+            done = redirect(flow.get("return_to") or "/account")
+            set_cookie(request, done, session)
+            return done
+        return await finish(request, session, fid, account)
+    if step == "sms" and account is not None and not _pending_sms(session):
+        await _send_sms(hub, session, account)
+    message = flow.pop("message", None)
+    save_flow(session, fid, flow)
+    await hub.store.save_session(session)
+    client = await hub.store.client(flow["client_id"]) if flow.get("client_id") else None
+    level_now = (
+        hub.policy.level(verifications(session), facts_of(account), time.time()) if account else 0
+    )
+    return render(
+        request,
+        "login.html",
+        session=session,
+        step=step,
+        options=options or [],
+        flow=fid,
+        client=client.spec.name if client else "",
+        target=flow["target"],
+        target_acr=hub.policy.acr(flow["target"]),
+        level_now=level_now,
+        account=account,
+        message=message,
+        phone=mask_phone(account.phone) if account and account.phone else "",
+        scopes=requested_scopes(flow),
+        organizations=account.organizations if account else [],
+    )
+
+
+def _t(request: web.Request, key: str, **values: object) -> str:
+    return Translator(language(request))(key, **values)
+
+
+def _pending_sms(session: Session) -> bool:
+    data = session.state.get("sms")
+    if not data:
+        return False
+    challenge = SmsChallenge.from_dict(data)
+    return not challenge.exhausted and challenge.expires_at > time.time()
+
+
+async def _send_sms(hub: Hub, session: Session, account: Account) -> None:
+    assert account.phone
+    challenge, code = SmsChallenge.issue(account.phone, now=time.time())
+    session.state["sms"] = challenge.to_dict()
+    await hub.sms.send(account.phone, f"CityPlane code: {code} (valid 5 minutes)")
+
+
+async def login_action(request: web.Request) -> web.StreamResponse:
+    hub: Hub = request.app[HUB]
+    data = await request.post()
+    form = {k: v for k, v in data.items() if isinstance(v, str)}
+    fid = form.get("flow", "")
+    session = await load_session(request)
+    flow = flow_of(session, fid)
+    if session is None or flow is None:
+        return error_page(request, _t(request, "expired_flow"))
+    if not csrf_ok(session, form.get("csrf")):
+        return error_page(request, "The form expired; reload the page and try again.", 403)
+    action = form.get("action", "")
+    handler = ACTIONS.get(action)
+    if handler is None:
+        return error_page(request, f"unknown action {action!r}")
+    account = await _account(hub, session)
+    if action not in ("password", "deny") and account is None:
+        return error_page(request, _t(request, "expired_flow"))
+    outcome = await handler(request, hub, session, flow, account, form, data)
+    if isinstance(outcome, web.StreamResponse):
+        return outcome
+    session, message = outcome
+    if message:
+        flow["message"] = message
+    flow.pop("method", None) if not message else None
+    save_flow(session, fid, flow)
+    await hub.store.save_session(session)
+    response = redirect(f"/login?flow={fid}", 303)
+    set_cookie(request, response, session)
+    return response
+
+
+Outcome = tuple[Session, str | None] | web.StreamResponse
+Form = dict[str, str]
+
+
+async def _password(
+    request: web.Request,
+    hub: Hub,
+    session: Session,
+    flow: dict[str, Any],
+    account: Any,
+    form: Form,
+    data: Any,
+) -> Outcome:
+    username = form.get("username", "").strip()[:64]
+    password = form.get("password", "")[:1024]
+    ip = request.remote or "?"
+    decision = await hub.throttle.check(username or None, ip)
+    if not decision.allowed:
+        hub.metrics.logins.labels("pwd", "throttled").inc()
+        return session, _t(request, "throttled", seconds=int(decision.retry_after) + 1)
+    found = await hub.store.account_by_username(username) if username else None
+    if found is None or not found.password_hash:
+        await hub.hasher.verify_missing_user(password)  # same time as a wrong password
+        ok = False
+    else:
+        ok = await hub.hasher.verify(found.password_hash, password)
+    if not ok or found is None:
+        await hub.throttle.failed(username or None, ip)
+        await hub.audit.record("login.failed", actor=username, ip=ip, method="pwd")
+        hub.metrics.logins.labels("pwd", "failed").inc()
+        return session, _t(request, "bad_login")
+    await hub.throttle.succeeded(username, ip)
+    if found.password_hash and hub.hasher.needs_rehash(found.password_hash):
+        await hub.store.update_account(found.id, password_hash=await hub.hasher.hash(password))
+    session = await sign_in(request, session, found.id)
+    add_verification(session, "pwd", time.time())
+    flow["login_done"] = True
+    await hub.audit.record("login.password", actor=found.id, subject=found.id, ip=ip)
+    hub.metrics.logins.labels("pwd", "ok").inc()
+    return session, None
+
+
+async def _otp(
+    request: web.Request,
+    hub: Hub,
+    session: Session,
+    flow: dict[str, Any],
+    account: Any,
+    form: Form,
+    data: Any,
+) -> Outcome:
+    now = time.time()
+    step = verify_totp(
+        account.totp_secret or "", form.get("code", ""), now=now, last_step=account.totp_last_step
+    )
+    if step is None or not await hub.store.claim_totp_step(account.id, step):
+        hub.metrics.logins.labels("otp", "failed").inc()
+        await hub.audit.record("stepup.failed", actor=account.id, subject=account.id, method="otp")
+        return session, _t(request, "bad_code")
+    return await _stepped_up(hub, session, account, "otp", request)
+
+
+async def _sms(
+    request: web.Request,
+    hub: Hub,
+    session: Session,
+    flow: dict[str, Any],
+    account: Any,
+    form: Form,
+    data: Any,
+) -> Outcome:
+    if form.get("resend"):
+        await _send_sms(hub, session, account)
+        return session, None
+    raw = session.state.get("sms")
+    challenge = SmsChallenge.from_dict(raw) if raw else None
+    if challenge is None or not challenge.verify(form.get("code", ""), now=time.time()):
+        if challenge is not None:
+            session.state["sms"] = challenge.to_dict()
+        hub.metrics.logins.labels("sms", "failed").inc()
+        return session, _t(request, "bad_code")
+    session.state.pop("sms", None)
+    return await _stepped_up(hub, session, account, "sms", request)
+
+
+async def _realname(
+    request: web.Request,
+    hub: Hub,
+    session: Session,
+    flow: dict[str, Any],
+    account: Any,
+    form: Form,
+    data: Any,
+) -> Outcome:
+    name = form.get("name", "").strip()
+    try:
+        resident = parse_resident_id(form.get("resident_id", ""))
+    except InvalidResidentId as exc:
+        return session, str(exc)
+    try:
+        result = await hub.realname.verify(name, resident)
+    except AuthorityUnavailable:
+        return session, "The real-name authority cannot be reached; try again later."
+    if not result.matched:
+        await hub.audit.record("realname.failed", actor=account.id, subject=account.id)
+        return session, result.reason or "The name and ID number do not match."
+    try:
+        await hub.store.update_account(
+            account.id,
+            real_name=name,
+            resident_id_masked=resident.masked(),
+            resident_fingerprint=resident.fingerprint(hub.pepper),
+            real_name_verified_at=time.time(),
+        )
+    except DuplicateError as exc:
+        return session, str(exc)
+    await hub.audit.record(
+        "realname.verified", actor=account.id, subject=account.id, authority=result.authority
+    )
+    return session, None
+
+
+async def _face(
+    request: web.Request,
+    hub: Hub,
+    session: Session,
+    flow: dict[str, Any],
+    account: Any,
+    form: Form,
+    data: Any,
+) -> Outcome:
+    photo = data.get("photo")
+    image = photo.file.read(MAX_PHOTO + 1) if hasattr(photo, "file") else b""
+    if not image or len(image) > MAX_PHOTO:
+        return session, "Choose a photo (JPEG or PNG, at most 5 MB)."
+    nonce = secrets.token_urlsafe(16)
+    token = await hub.face.match(
+        subject=account.id,
+        resident_id_fingerprint=account.resident_fingerprint or "",
+        image=image,
+        nonce=nonce,
+    )
+    try:
+        result = verify_face_result(
+            token, keys=hub.face_keys, subject=account.id, nonce=nonce, now=time.time()
+        )
+    except FaceResultInvalid as exc:
+        return session, f"The face match could not be trusted: {exc}"
+    if not result.matched:
+        await hub.audit.record("stepup.failed", actor=account.id, subject=account.id, method="face")
+        return session, "The face did not match."
+    return await _stepped_up(hub, session, account, "face", request)
+
+
+async def _stepped_up(
+    hub: Hub, session: Session, account: Account, method: str, request: web.Request
+) -> Outcome:
+    add_verification(session, method, time.time())
+    hub.metrics.logins.labels(method, "ok").inc()
+    await hub.audit.record(
+        "login.stepup", actor=account.id, subject=account.id, method=method, ip=request.remote
+    )
+    return session, None
+
+
+async def _allow(
+    request: web.Request,
+    hub: Hub,
+    session: Session,
+    flow: dict[str, Any],
+    account: Any,
+    form: Form,
+    data: Any,
+) -> Outcome:
+    org = form.get("org") or None
+    if org and not any(m.org_id == org for m in account.organizations):
+        return session, "You are not a member of that organization."
+    scopes = set(requested_scopes(flow))
+    await hub.store.grant_consent(account.id, flow["client_id"], scopes)
+    flow["consented"] = True
+    flow["org"] = org
+    await hub.audit.record(
+        "consent.granted",
+        actor=account.id,
+        subject=account.id,
+        client_id=flow["client_id"],
+        scopes=sorted(scopes),
+        org=org,
+    )
+    return session, None
+
+
+async def _deny(
+    request: web.Request,
+    hub: Hub,
+    session: Session,
+    flow: dict[str, Any],
+    account: Any,
+    form: Form,
+    data: Any,
+) -> Outcome:
+    save_flow(session, form.get("flow", ""), None)
+    await hub.store.save_session(session)
+    if account is not None:
+        await hub.audit.record(
+            "consent.denied", actor=account.id, subject=account.id, client_id=flow["client_id"]
+        )
+    return error_redirect(dict(flow["params"]), "access_denied", "the user did not allow access")
+
+
+ACTIONS: dict[str, Any] = {
+    "password": _password,
+    "otp": _otp,
+    "sms": _sms,
+    "realname": _realname,
+    "face": _face,
+    "allow": _allow,
+    "deny": _deny,
+}
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/authorize", authorize)
+    app.router.add_get("/login", login_page)
+    app.router.add_post("/login", login_action)

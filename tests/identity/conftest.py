@@ -1,0 +1,147 @@
+"""Identity hubs on real sockets (SQLite in tmp_path, or the real PostgreSQL), and a
+form-posting client that walks the sign-in pages the way a browser without JavaScript does."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import aiohttp
+import pyotp
+import pytest
+
+from identity.app import RunningIdentity, start_identity
+from identity.demo import TOTP_SECRETS
+from identity.hub import IdentitySettings
+
+CALLBACK = "http://localhost:8765/callback"
+SPA_CALLBACK = "http://localhost:8766/callback"
+
+
+@pytest.fixture
+async def hub(tmp_path: Path) -> AsyncIterator[RunningIdentity]:
+    running = await start_identity(
+        IdentitySettings(port=0, data_dir=tmp_path, demo=True, key_publish_ahead=0.5)
+    )
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+def demo_secret(hub: RunningIdentity, client_id: str = "demo-web") -> str:
+    return next(c["client_secret"] for c in hub.hub.demo["clients"] if c["client_id"] == client_id)
+
+
+def pkce() -> tuple[str, str]:
+    verifier = secrets.token_urlsafe(48)
+    digest = hashlib.sha256(verifier.encode()).digest()
+    return verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def basic(client_id: str, secret: str) -> dict[str, str]:
+    return {"Authorization": aiohttp.encode_basic_auth(client_id, secret)}
+
+
+def totp_now(username: str) -> str:
+    return pyotp.TOTP(TOTP_SECRETS[username]).now()
+
+
+@dataclass
+class Walk:
+    """What a sign-in walk saw: the pages' steps in order, and where it ended."""
+
+    steps: list[str] = field(default_factory=list)
+    location: str = ""
+
+    @property
+    def query(self) -> dict[str, str]:
+        return {k: v[0] for k, v in parse_qs(urlsplit(self.location).query).items()}
+
+
+class FormBrowser:
+    """Cookies + forms, no JavaScript: enough to drive the hub's pages from tests."""
+
+    def __init__(self, issuer: str) -> None:
+        self.issuer = issuer
+        self.http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    async def get(self, url: str) -> tuple[int, str, str]:
+        async with self.http.get(self._abs(url), allow_redirects=False) as r:
+            return r.status, r.headers.get("Location", ""), await r.text()
+
+    async def post(self, url: str, data: dict[str, str]) -> tuple[int, str, str]:
+        async with self.http.post(self._abs(url), data=data, allow_redirects=False) as r:
+            return r.status, r.headers.get("Location", ""), await r.text()
+
+    def _abs(self, url: str) -> str:
+        return url if url.startswith("http") else self.issuer + url
+
+    async def authorize(self, answers: dict[str, Any], **params: str) -> Walk:
+        """GET /authorize with `params`, then answer each page from `answers`
+        (password: (username, password), otp: username, realname: (name, id), consent: org or
+        "", choose: method) until the hub redirects away from itself."""
+        walk = Walk()
+        status, location, page = await self.get("/authorize?" + urlencode(params))
+        for _ in range(20):
+            if status not in (302, 303):
+                raise AssertionError(f"expected a redirect, got {status}: {page[:600]}")
+            if not location.startswith("/"):
+                walk.location = location
+                return walk
+            status, location, page = await self.get(location)
+            if status != 200:
+                if status not in (302, 303):
+                    raise AssertionError(f"{status}: {page[:600]}")
+                continue
+            step = re.search(r'name="action" value="(\w+)"', page)
+            chooser = re.search(r'id="method-(\w+)"', page)
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+            flow = re.search(r'name="flow" value="([^"]+)"', page)
+            if chooser and not step:
+                walk.steps.append("choose")
+                fid = re.search(r"flow=([^&]+)&amp;method", page)
+                assert fid, page[:2000]
+                status, location, page = await self.get(
+                    f"/login?flow={fid.group(1)}&method={answers['choose']}"
+                )
+                continue
+            assert step and csrf and flow, page[:2000]
+            name = step.group(1)
+            if name == "allow" or 'id="consent-form"' in page:
+                name = "consent"
+            walk.steps.append(name)
+            form = {"csrf": csrf.group(1), "flow": flow.group(1), "action": name}
+            if name == "password":
+                form["username"], form["password"] = answers["password"]
+            elif name == "otp":
+                form["code"] = totp_now(answers["otp"])
+            elif name == "realname":
+                form["name"], form["resident_id"] = answers["realname"]
+            elif name == "consent":
+                form["action"] = "allow"
+                if answers.get("consent"):
+                    form["org"] = answers["consent"]
+            else:
+                raise AssertionError(f"no answer for step {name}")
+            status, location, page = await self.post("/login", form)
+        raise AssertionError("the sign-in never finished")
+
+
+@pytest.fixture
+async def browser(hub: RunningIdentity) -> AsyncIterator[FormBrowser]:
+    b = FormBrowser(hub.issuer)
+    try:
+        yield b
+    finally:
+        await b.close()

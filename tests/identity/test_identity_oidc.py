@@ -1,0 +1,225 @@
+"""The hub as an OpenID Provider: discovery, code + PKCE, refresh rotation, client credentials,
+userinfo, introspection, revocation — over real sockets with the demo accounts."""
+
+from __future__ import annotations
+
+import aiohttp
+import jwt
+import pytest
+
+from identity.app import RunningIdentity
+from tests.identity.conftest import CALLBACK, SPA_CALLBACK, FormBrowser, basic, demo_secret, pkce
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _token(hub: RunningIdentity, data: dict[str, str], auth: tuple[str, str] | None = None):
+    async with aiohttp.ClientSession() as http:
+        headers = basic(*auth) if auth else {}
+        async with http.post(f"{hub.issuer}/token", data=data, headers=headers) as r:
+            return r.status, await r.json(), r.headers
+
+
+async def _jwks_key(hub: RunningIdentity, token: str):
+    async with aiohttp.ClientSession() as http, http.get(f"{hub.issuer}/jwks.json") as r:
+        jwks = await r.json()
+    kid = jwt.get_unverified_header(token)["kid"]
+    return jwt.PyJWK(next(k for k in jwks["keys"] if k["kid"] == kid)).key
+
+
+async def test_discovery_names_every_endpoint_and_the_trust_levels(hub: RunningIdentity) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{hub.issuer}/.well-known/openid-configuration") as r:
+            doc = await r.json()
+    assert doc["issuer"] == hub.issuer
+    assert doc["code_challenge_methods_supported"] == ["S256"]
+    assert doc["response_types_supported"] == ["code"]  # no implicit flow
+    assert doc["acr_values_supported"] == [f"urn:cityplane:loa:{n}" for n in range(1, 5)]
+    assert doc["id_token_signing_alg_values_supported"] == ["ES256"]
+    assert set(doc["cityplane_acr_eidas"]) == set(doc["acr_values_supported"])
+
+
+async def test_client_credentials_token_is_an_rfc9068_jwt(hub: RunningIdentity) -> None:
+    status, body, headers = await _token(
+        hub,
+        {"grant_type": "client_credentials", "scope": "bus:read"},
+        ("demo-web", demo_secret(hub)),
+    )
+    assert status == 200, body
+    assert headers["Cache-Control"] == "no-store"
+    assert jwt.get_unverified_header(body["access_token"])["typ"] == "at+jwt"
+    claims = jwt.decode(
+        body["access_token"],
+        await _jwks_key(hub, body["access_token"]),
+        algorithms=["ES256"],
+        audience="demo-web",
+        issuer=hub.issuer,
+    )
+    assert claims["sub"] == "demo-web" and claims["client_id"] == "demo-web"
+    assert claims["scope"] == "bus:read" and claims["org"] == "org-transport"
+    assert "acr" not in claims and "refresh_token" not in body
+
+
+async def test_wrong_client_secret_is_invalid_client(hub: RunningIdentity) -> None:
+    status, body, _ = await _token(hub, {"grant_type": "client_credentials"}, ("demo-web", "nope"))
+    assert status == 401 and body["error"] == "invalid_client"
+
+
+async def test_code_flow_with_pkce_gives_level_one_tokens_with_acr_amr_auth_time(
+    hub: RunningIdentity, browser: FormBrowser
+) -> None:
+    verifier, challenge = pkce()
+    walk = await browser.authorize(
+        {"password": ("citizen1", "demo-citizen-1")},
+        response_type="code",
+        client_id="demo-spa",
+        redirect_uri=SPA_CALLBACK,
+        scope="openid profile offline_access",
+        state="s1",
+        nonce="n1",
+        code_challenge=challenge,
+        code_challenge_method="S256",
+    )
+    assert walk.steps == ["password", "consent"]
+    assert walk.location.startswith(SPA_CALLBACK) and walk.query["state"] == "s1"
+    status, body, _ = await _token(
+        hub,
+        {
+            "grant_type": "authorization_code",
+            "code": walk.query["code"],
+            "client_id": "demo-spa",
+            "redirect_uri": SPA_CALLBACK,
+            "code_verifier": verifier,
+        },
+    )
+    assert status == 200, body
+    id_token = jwt.decode(
+        body["id_token"],
+        await _jwks_key(hub, body["id_token"]),
+        algorithms=["ES256"],
+        audience="demo-spa",
+    )
+    assert id_token["nonce"] == "n1" and id_token["acr"] == "urn:cityplane:loa:1"
+    assert id_token["amr"] == ["pwd"] and isinstance(id_token["auth_time"], int)
+    assert id_token["preferred_username"] == "citizen1"
+    access = jwt.decode(body["access_token"], options={"verify_signature": False})
+    assert access["acr"] == "urn:cityplane:loa:1" and access["client_id"] == "demo-spa"
+    # the code is single use
+    again, body2, _ = await _token(
+        hub,
+        {
+            "grant_type": "authorization_code",
+            "code": walk.query["code"],
+            "client_id": "demo-spa",
+            "redirect_uri": SPA_CALLBACK,
+            "code_verifier": verifier,
+        },
+    )
+    assert again == 400 and body2["error"] == "invalid_grant"
+
+
+async def test_public_client_without_pkce_is_refused(
+    hub: RunningIdentity, browser: FormBrowser
+) -> None:
+    status, location, _ = await browser.get(
+        "/authorize?response_type=code&client_id=demo-spa&redirect_uri="
+        f"{SPA_CALLBACK}&scope=openid&state=x&code_challenge=abc&code_challenge_method=plain"
+    )
+    assert status == 302 and "error=invalid_request" in location
+
+
+async def test_unregistered_redirect_uri_is_never_redirected_to(
+    hub: RunningIdentity, browser: FormBrowser
+) -> None:
+    status, location, _page = await browser.get(
+        "/authorize?response_type=code&client_id=demo-web&redirect_uri=https://evil.example/cb&scope=openid"
+    )
+    assert status == 400 and not location and "evil" not in location
+
+
+async def test_refresh_rotates_and_a_reused_refresh_token_revokes_the_family(
+    hub: RunningIdentity, browser: FormBrowser
+) -> None:
+    verifier, challenge = pkce()
+    walk = await browser.authorize(
+        {"password": ("citizen1", "demo-citizen-1")},
+        response_type="code",
+        client_id="demo-web",
+        redirect_uri=CALLBACK,
+        scope="openid offline_access",
+        code_challenge=challenge,
+        code_challenge_method="S256",
+    )
+    auth = ("demo-web", demo_secret(hub))
+    _, first, _ = await _token(
+        hub,
+        {
+            "grant_type": "authorization_code",
+            "code": walk.query["code"],
+            "redirect_uri": CALLBACK,
+            "code_verifier": verifier,
+        },
+        auth,
+    )
+    status, second, _ = await _token(
+        hub, {"grant_type": "refresh_token", "refresh_token": first["refresh_token"]}, auth
+    )
+    assert status == 200 and second["refresh_token"] != first["refresh_token"]
+    assert (
+        jwt.decode(second["access_token"], options={"verify_signature": False})["acr"]
+        == "urn:cityplane:loa:1"
+    )
+    # the first refresh token again: reuse -> the whole family is revoked
+    status, body, _ = await _token(
+        hub, {"grant_type": "refresh_token", "refresh_token": first["refresh_token"]}, auth
+    )
+    assert status == 400 and body["error"] == "invalid_grant"
+    status, body, _ = await _token(
+        hub, {"grant_type": "refresh_token", "refresh_token": second["refresh_token"]}, auth
+    )
+    assert status == 400 and body["error"] == "invalid_grant"
+
+
+async def test_userinfo_introspection_and_revocation(
+    hub: RunningIdentity, browser: FormBrowser
+) -> None:
+    verifier, challenge = pkce()
+    walk = await browser.authorize(
+        {"password": ("citizen1", "demo-citizen-1")},
+        response_type="code",
+        client_id="demo-web",
+        redirect_uri=CALLBACK,
+        scope="openid profile email",
+        code_challenge=challenge,
+        code_challenge_method="S256",
+    )
+    auth = ("demo-web", demo_secret(hub))
+    _, tokens, _ = await _token(
+        hub,
+        {
+            "grant_type": "authorization_code",
+            "code": walk.query["code"],
+            "redirect_uri": CALLBACK,
+            "code_verifier": verifier,
+        },
+        auth,
+    )
+    bearer = {"Authorization": f"Bearer {tokens['access_token']}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{hub.issuer}/userinfo", headers=bearer) as r:
+            info = await r.json()
+            assert r.status == 200 and info["preferred_username"] == "citizen1"
+            assert info["email"] == "citizen1@demo.city.example"
+        form = {"token": tokens["access_token"]}
+        async with http.post(f"{hub.issuer}/introspect", data=form, headers=basic(*auth)) as r:
+            assert (await r.json())["active"] is True
+        async with http.post(f"{hub.issuer}/revoke", data=form, headers=basic(*auth)) as r:
+            assert r.status == 200
+        async with http.post(f"{hub.issuer}/introspect", data=form, headers=basic(*auth)) as r:
+            assert (await r.json())["active"] is False
+        async with http.get(f"{hub.issuer}/userinfo", headers=bearer) as r:
+            assert r.status == 401 and "invalid_token" in r.headers["WWW-Authenticate"]
+        async with http.get(
+            f"{hub.issuer}/userinfo", headers={"Authorization": "Bearer x.y.z"}
+        ) as r:
+            assert r.status == 401
