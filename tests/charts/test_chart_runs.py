@@ -6,16 +6,19 @@ answers 200. This is what a kubelet would see, minus the cluster."""
 from __future__ import annotations
 
 import base64
+import http.server
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -185,3 +188,68 @@ def test_the_rendered_gateway_follows_the_rendered_registry_and_answers_every_pr
         assert any(state.iterdir())
     finally:
         gateway.stop()
+
+
+class _City(http.server.BaseHTTPRequestHandler):
+    """Stands in for the gateway status port and the hub; `broken` paths answer 503."""
+
+    broken: ClassVar[set[str]] = set()
+
+    def do_GET(self) -> None:
+        if self.path in self.broken:
+            self.send_response(503)
+            self.end_headers()
+            return
+        body = b'{"status": "ready"}'
+        if self.path == "/.well-known/openid-configuration":
+            body = json.dumps({"issuer": "http://hub"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: object) -> None:
+        pass
+
+
+def _run_helm_test_pod(
+    objects: list[dict[str, Any]], port: int
+) -> subprocess.CompletedProcess[str]:
+    """Run the helm test Pod's command with every in-cluster host pointed at 127.0.0.1:port
+    and without the 2 s pauses between attempts."""
+    (smoke,) = find(objects, "Pod", f"{FULL}-test")["spec"]["containers"]
+    assert smoke["command"] == ["python", "-c"]
+    prelude = (
+        "import re, time, urllib.request\n"
+        "time.sleep = lambda _: None\n"
+        "_open = urllib.request.urlopen\n"
+        "urllib.request.urlopen = lambda url, timeout: _open(\n"
+        f"    re.sub(r'^http://[^/]+', 'http://127.0.0.1:{port}', url), timeout=timeout)\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", prelude + smoke["args"][0]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_helm_test_pod_passes_when_the_gateway_and_hub_answer_and_names_what_fails(
+    objects: list[dict[str, Any]],
+) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _City)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        passed = _run_helm_test_pod(objects, server.server_port)
+        assert passed.returncode == 0, passed.stdout + passed.stderr
+        assert "ok   gateway /readyz" in passed.stdout
+        assert "ok   hub discovery" in passed.stdout
+
+        _City.broken = {"/readyz"}
+        failed = _run_helm_test_pod(objects, server.server_port)
+        assert failed.returncode == 1
+        assert "FAIL gateway /readyz" in failed.stdout
+        assert "ok   hub discovery" in failed.stdout
+    finally:
+        _City.broken = set()
+        server.shutdown()
