@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from redis.asyncio import Redis
@@ -63,16 +63,11 @@ def test_the_default_lockout_doubles_from_30_seconds_to_15_minutes(
     assert ThrottlePolicy().lockout_after(failures) == lockout
 
 
-def local_throttle(clock: Clock) -> LoginThrottle:
-    return LoginThrottle(clock=clock)
-
-
-async def redis_throttle(redis: Redis, prefix: str, clock: Clock) -> LoginThrottle:
-    return LoginThrottle(RedisThrottleStore(redis, prefix=prefix), clock=clock)
+MakeThrottle = Callable[..., LoginThrottle]
 
 
 @pytest.fixture(params=["local", "redis"])
-async def make_throttle(request: pytest.FixtureRequest, redis: Redis, prefix: str) -> object:
+async def make_throttle(request: pytest.FixtureRequest, redis: Redis, prefix: str) -> MakeThrottle:
     def make(clock: Clock, policy: ThrottlePolicy | None = None) -> LoginThrottle:
         store = RedisThrottleStore(redis, prefix=prefix) if request.param == "redis" else None
         return LoginThrottle(store, policy, clock=clock)
@@ -80,7 +75,9 @@ async def make_throttle(request: pytest.FixtureRequest, redis: Redis, prefix: st
     return make
 
 
-async def test_five_failures_lock_the_account_for_30_seconds_then_longer(make_throttle) -> None:  # type: ignore[no-untyped-def]
+async def test_five_failures_lock_the_account_for_30_seconds_then_longer(
+    make_throttle: MakeThrottle,
+) -> None:
     clock = Clock()
     throttle = make_throttle(clock)
     await fail(throttle, 4)
@@ -96,7 +93,7 @@ async def test_five_failures_lock_the_account_for_30_seconds_then_longer(make_th
     assert (await throttle.check("alice", IP)).retry_after == pytest.approx(60, abs=0.01)
 
 
-async def test_a_success_resets_the_account_count(make_throttle) -> None:  # type: ignore[no-untyped-def]
+async def test_a_success_resets_the_account_count(make_throttle: MakeThrottle) -> None:
     clock = Clock()
     throttle = make_throttle(clock)
     await fail(throttle, 4)
@@ -105,7 +102,7 @@ async def test_a_success_resets_the_account_count(make_throttle) -> None:  # typ
     assert (await throttle.check("alice", IP)).allowed
 
 
-async def test_usernames_differing_in_case_share_one_count(make_throttle) -> None:  # type: ignore[no-untyped-def]
+async def test_usernames_differing_in_case_share_one_count(make_throttle: MakeThrottle) -> None:
     throttle = make_throttle(Clock())
     await fail(throttle, 3, "Alice")
     await fail(throttle, 2, " alice ")
@@ -113,7 +110,7 @@ async def test_usernames_differing_in_case_share_one_count(make_throttle) -> Non
 
 
 async def test_one_address_trying_many_accounts_is_blocked_for_the_rest_of_its_window(
-    make_throttle,  # type: ignore[no-untyped-def]
+    make_throttle: MakeThrottle,
 ) -> None:
     clock = Clock()
     throttle = make_throttle(clock, ThrottlePolicy(ip_max_failures=20, ip_window=60))
@@ -128,7 +125,7 @@ async def test_one_address_trying_many_accounts_is_blocked_for_the_rest_of_its_w
     assert (await throttle.check("user-new", "198.51.100.1")).allowed
 
 
-async def test_a_success_does_not_reset_the_address_count(make_throttle) -> None:  # type: ignore[no-untyped-def]
+async def test_a_success_does_not_reset_the_address_count(make_throttle: MakeThrottle) -> None:
     throttle = make_throttle(Clock(), ThrottlePolicy(ip_max_failures=3))
     for i in range(3):
         await throttle.failed(f"user-{i}", IP)
