@@ -402,7 +402,7 @@ class AppSpec(Strict):
     port: int = Field(default=8080, ge=1, le=65535)
     env: list[EnvVar] = Field(default=[], max_length=256)
     resources: Resources | None = None
-    healthCheck: Probes = Probes()
+    healthCheck: Probes = Field(default_factory=Probes)
     version: str = Field(default="v1", pattern=r"^v\d+([a-z0-9]+)?$")
     lifecycle: Lifecycle = "published"
     routes: list[Route] = Field(min_length=1, max_length=64)

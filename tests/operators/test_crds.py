@@ -13,7 +13,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from cityplane.schema import CityService, ServiceSpec
+from cityplane.schema import AppSpec, CityApp, CityService, ServiceSpec
 from operators import crd_schema as crds
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -222,3 +222,89 @@ def test_null_optional_fields_are_accepted_by_both() -> None:
     spec = _with(spec, ["owner"], None)
     _spec_validator().validate(spec)
     ServiceSpec.model_validate(spec)
+
+
+# --- the CityApp CRD ------------------------------------------------------------------------
+
+APP_EXAMPLE = ROOT / "examples" / "k8s" / "cityapp-bus-tracker.yaml"
+
+
+def _app_schema() -> dict[str, Any]:
+    (version,) = crds.cityapp_crd()["spec"]["versions"]
+    schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
+    return schema
+
+
+def _app_validator() -> jsonschema.protocols.Validator:
+    spec = as_json_schema(_app_schema()["properties"]["spec"])
+    for _, node in _nodes(spec):
+        node.pop("x-kubernetes-validations", None)
+    cls = jsonschema.validators.validator_for(spec)
+    return cls(spec, format_checker=cls.FORMAT_CHECKER)
+
+
+def test_cityapp_crd_names_columns_and_status_subresource() -> None:
+    crd = yaml.safe_load(crds.CITYAPP_FILE.read_text(encoding="utf-8"))
+    assert crd["metadata"]["name"] == "cityapps.cityplane.io"
+    assert crd["spec"]["names"]["kind"] == "CityApp"
+    assert crd["spec"]["names"]["shortNames"] == ["capp"]
+    (version,) = crd["spec"]["versions"]
+    assert version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Ready"] == '.status.conditions[?(@.type=="Ready")].status'
+    assert columns["Reason"] == '.status.conditions[?(@.type=="Ready")].reason'
+    assert columns["URL"] == ".status.url"
+    kubernetes_validate.validate(crd, "1.30.0", strict=True)
+
+
+def test_cityapp_crd_schema_is_structural_and_complete() -> None:
+    schema = _app_schema()
+    assert structural_problems(schema) == []
+    spec = schema["properties"]["spec"]
+    assert set(spec["properties"]) == set(AppSpec.model_fields)
+    # the routes are the CityService's own route schema
+    service_route = _schema()["properties"]["spec"]["properties"]["routes"]["items"]
+    app_route = spec["properties"]["routes"]["items"]
+    assert set(app_route["properties"]) == set(service_route["properties"])
+    # no `nullable`: a null is pruned by the API server, so CEL's has() means "set"
+    assert [path for path, node in _nodes(spec) if "nullable" in node] == []
+
+
+def test_cityapp_crd_carries_the_cross_field_rules() -> None:
+    spec = _app_schema()["properties"]["spec"]
+    rules = {r["message"]: r["rule"] for r in spec["x-kubernetes-validations"]}
+    assert "give either replicas or autoscaling, not both" in rules
+    autoscaling = spec["properties"]["autoscaling"]["x-kubernetes-validations"]
+    assert "minReplicas" in autoscaling[0]["rule"]
+    match = spec["properties"]["routes"]["items"]["properties"]["match"]
+    assert match["x-kubernetes-validations"][0]["rule"] == "has(self.pathPrefix) != has(self.path)"
+    identity = spec["properties"]["identity"]["x-kubernetes-validations"]
+    assert "client_credentials" in identity[0]["rule"]
+
+
+def test_cityapp_example_is_accepted_by_the_crd_and_by_the_model() -> None:
+    document = yaml.safe_load(APP_EXAMPLE.read_text(encoding="utf-8"))
+    assert document["kind"] == "CityApp"
+    _app_validator().validate(document["spec"])
+    CityApp.model_validate({**document, "metadata": {"name": document["metadata"]["name"]}})
+
+
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        (["port"], 70000),
+        (["image"], "Not An Image"),
+        (["autoscaling", "targetCPUUtilizationPercentage"], 0),
+        (["identity", "grantTypes"], ["implicit"]),
+        (["routes", 0, "rateLimit", "window"], "soon"),
+        (["env", 0, "name"], "1BAD"),
+        (["resources", "requests", "memory"], "lots"),
+        (["healthCheck", "period"], "often"),
+    ],
+)
+def test_bad_cityapp_specs_are_rejected_by_both(path: list[str | int], value: Any) -> None:
+    spec = _with(yaml.safe_load(APP_EXAMPLE.read_text(encoding="utf-8"))["spec"], path, value)
+    with pytest.raises(jsonschema.ValidationError):
+        _app_validator().validate(spec)
+    with pytest.raises(ValidationError):
+        AppSpec.model_validate(spec)
