@@ -258,6 +258,14 @@ def test_notes_say_how_to_reach_the_gateway_get_the_admin_token_and_apply_a_reso
         ),
         ({"redis": {"enabled": True}}, "redis.enabled needs redis.host"),
         (
+            {"gateway": {"autoscaling": {"enabled": True}, "resources": {"requests": None}}},
+            "needs gateway.resources.requests.cpu",
+        ),
+        (
+            {"gateway": {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}}},
+            "minReplicas must not exceed maxReplicas",
+        ),
+        (
             {
                 "identity": {"replicaCount": 3},
                 "postgresql": {"enabled": True, "host": "db", "password": "p"},

@@ -277,7 +277,11 @@ CITYPLANE_LOG_LEVEL: {{ .ctx.Values.logLevel | quote }}
 {{- if and .Values.identity.enabled (gt (int .Values.identity.replicaCount) 1) (not (and $pg.enabled $redis.enabled)) }}
 {{- fail "identity.replicaCount > 1 needs postgresql.enabled and redis.enabled" }}
 {{- end }}
-{{- if and .Values.gateway.autoscaling.enabled (gt (int .Values.gateway.autoscaling.minReplicas) (int .Values.gateway.autoscaling.maxReplicas)) }}
+{{- $as := .Values.gateway.autoscaling }}
+{{- if and $as.enabled $as.targetCPUUtilizationPercentage (not (dig "requests" "cpu" "" (default dict .Values.gateway.resources))) }}
+{{- fail "gateway.autoscaling on CPU needs gateway.resources.requests.cpu: utilization is measured against the request" }}
+{{- end }}
+{{- if and $as.enabled (gt (int $as.minReplicas) (int $as.maxReplicas)) }}
 {{- fail "gateway.autoscaling.minReplicas must not exceed maxReplicas" }}
 {{- end }}
 {{- end }}
