@@ -208,6 +208,7 @@ def test_the_operator_role_grants_exactly_what_its_handlers_use() -> None:
         for r in ("cityapps", "cityapps/status", "cityservices", "cityservices/status")
         for v in reconcile
     }
+    expected.add(("cityplane.io", "cityapps/finalizers", "update"))  # blockOwnerDeletion
     for group, resource in (
         ("apps", "deployments"),
         ("", "services"),
