@@ -7,9 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import helm_python as helm
 import pytest
 
 from tests.charts.chart_support import (
+    CHART,
     RELEASE,
     copy_chart,
     find,
@@ -105,3 +107,22 @@ def test_names_stay_valid_dns_labels_for_any_release_name(release: str) -> None:
         assert len(name) <= limit and not name.endswith("-"), ident(obj)
     names = [ident(o) for o in objects]
     assert len(names) == len(set(names))
+
+
+def test_the_packaged_chart_renders_the_same_as_the_directory(tmp_path: Path) -> None:
+    archive = helm.package(CHART, destination=tmp_path)
+    assert Path(archive).name == "cityplane-0.1.0.tgz"
+    packaged = helm.Chart.load(archive)
+    names = {f["name"] for f in packaged.files}
+    assert {"files/crds/cityservice.yaml", "README.md"} <= names
+    assert packaged.schema is not None
+    assert not any(n.startswith("ci/") for n in names)  # test fixtures stay out of the package
+
+    def without_generated_tokens(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {k: v for k, v in o.items() if o["kind"] != "Secret" or k != "data"} for o in objects
+        ]
+
+    assert without_generated_tokens(render(chart=Path(archive))) == without_generated_tokens(
+        render()
+    )
