@@ -186,19 +186,24 @@ async def next_step(
         return "password", None
     verified = verifications(session)
     passkeys = await hub.store.passkeys_of(account.id)
+    max_age = _effective_max_age(flow, now)
     try:
         missing = hub.policy.missing_for(
             flow["target"],
             verified,
             facts_of(account),
             now,
-            flow.get("max_age"),
+            max_age,
             available=available_methods(account, len(passkeys)),
         )
     except TrustLevelUnreachable as exc:
         raise FlowError("unmet_authentication_requirements", str(exc)) from None
     if missing:
         options = sorted(set().union(*missing))
+        if any(option == {"pwd"} or option >= {"pwd"} for option in missing) and (
+            "pwd" in options and all("pwd" in option for option in missing)
+        ):
+            return "password", None  # the first factor itself has lapsed (max_age, decay)
         chosen = flow.get("method")
         if chosen in options:
             return str(chosen), options
@@ -208,6 +213,15 @@ async def next_step(
     if flow.get("client_id") and await _needs_consent(hub, flow, account):
         return "consent", None
     return "done", None
+
+
+def _effective_max_age(flow: dict[str, Any], now: float) -> float | None:
+    """max_age, widened to cover what was verified during this very flow: `max_age=0` means
+    "authenticate again now" (OIDC Core §3.1.2.1), not "nothing ever counts"."""
+    max_age = flow.get("max_age")
+    if max_age is None:
+        return None
+    return max(float(max_age), now - float(flow.get("started", now)))
 
 
 def requested_scopes(flow: dict[str, Any]) -> list[str]:
@@ -230,7 +244,7 @@ def auth_context(
     now = time.time()
     verified = verifications(session)
     level = hub.policy.level(verified, facts_of(account), now)
-    max_age = flow.get("max_age")
+    max_age = _effective_max_age(flow, now)
     counted = [v for v in verified if max_age is None or v.at >= now - max_age]
     context: dict[str, Any] = {
         "acr": hub.policy.acr(level) if level else None,

@@ -112,9 +112,7 @@ class FormBrowser:
                 walk.steps.append("choose")
                 fid = re.search(r"flow=([^&]+)&amp;method", page)
                 assert fid, page[:2000]
-                status, location, page = await self.get(
-                    f"/login?flow={fid.group(1)}&method={answers['choose']}"
-                )
+                status, location = 303, f"/login?flow={fid.group(1)}&method={answers['choose']}"
                 continue
             assert step and csrf and flow, page[:2000]
             name = step.group(1)
