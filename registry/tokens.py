@@ -14,6 +14,7 @@ import logging
 from cityplane.jwks import AccessTokenDecoder, InvalidToken, KeysUnavailable
 from cityplane.problem import Problem
 from registry.auth import Principal, unauthorized
+from registry.models import OWNER_MAX
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ def principal_of(claims: dict[str, object]) -> Principal:
     if not isinstance(scope, str):  # RFC 9068 §2.2.3
         raise unauthorized("the token's scope is not a string", "invalid_token")
     org = claims.get("org")
+    if isinstance(org, str) and len(org) > OWNER_MAX:  # could never be a stored spec.owner
+        raise unauthorized(f"the token's org is over {OWNER_MAX} characters", "invalid_token")
     client_id = claims.get("client_id")
     return Principal.from_scopes(
         str(claims["sub"]),
