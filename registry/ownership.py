@@ -133,7 +133,7 @@ class Authority:
         org = self.principal.organization
         if org is None:
             return f"a token without an organization manages nothing without {ADMIN_SCOPE}"
-        return f"a {WRITE_SCOPE} token of {org!r} manages only {org!r}'s services"
+        return f"a {WRITE_SCOPE} token of {org!r} manages only services owned by {org!r}"
 
 
 FULL = Authority(ADMIN)  # the registry's own housekeeping (the instance reaper)
