@@ -42,13 +42,15 @@ def backoff(retry: int, timing: Timing) -> float:
 def _status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
     """A merge patch from ``old`` status to ``new``: keys that went away become null (a merge
     patch keeps what it does not mention), nested one level (``identity``)."""
-    out: dict[str, Any] = dict(new)
+    # Unchanged keys are left out: a drift check that finds nothing writes nothing (no new
+    # resourceVersion, no watch event for every client of the API server).
+    out: dict[str, Any] = {k: v for k, v in new.items() if old.get(k) != v}
     for key, value in old.items():
         if key in ("kopf",):
             continue  # kopf's own progress records
         if key not in new:
             out[key] = None
-        elif isinstance(value, Mapping) and isinstance(new[key], Mapping):
+        elif key in out and isinstance(value, Mapping) and isinstance(new[key], Mapping):
             out[key] = {**{k: None for k in value if k not in new[key]}, **new[key]}
     return out
 
@@ -87,8 +89,14 @@ def build_registry(
         started = time.monotonic()
         async with lock_for(body):
             outcome = await reconciler.reconcile(body)
-        patch.status.update(_status_patch(body.get("status") or {}, outcome.status))
-        for type_, reason, message in outcome.events:
+        previous = body.get("status") or {}
+        changes = _status_patch(previous, outcome.status)
+        if changes:
+            patch.status.update(changes)
+        events = outcome.events
+        if outcome.permanent and "conditions" not in changes:
+            events = []  # the same invalid spec again (a timer, a resume): said once is enough
+        for type_, reason, message in events:
             kopf.event(body, type=type_, reason=reason, message=message)
         result = "invalid" if outcome.permanent else "retry" if outcome.transient else "ok"
         metrics.observe(handler, result, time.monotonic() - started, outcome.failed)

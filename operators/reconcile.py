@@ -208,13 +208,18 @@ class AppReconciler:
             return Condition(status.IDENTITY, "True", "NotRequested", message), {}
 
         cid = naming.client_id(app)
-        revision = int(state.get("secretRevision", 0))
         wanted_rotation = app.annotations.get(naming.ROTATE_ANNOTATION)
         async with HubClient(hub_at.url, hub_at.token, timeout=self.deps.http_timeout) as hub:
             issuer = await hub.issuer()
             written = await hub.put_client(cid, render.client_spec(app, spec))
             live = await asyncio.to_thread(kube.get, "v1", "Secret", app.namespace, app.secret_name)
             kept = _decoded(live, "client_secret")
+            # What the Secret says it holds wins over the status (kopf may hand us an older one).
+            noted = ((live or {}).get("metadata") or {}).get("annotations") or {}
+            revision = _int(
+                noted.get(render.SECRET_REVISION_ANNOTATION), state.get("secretRevision")
+            )
+            rotated_for = noted.get(render.ROTATED_FOR_ANNOTATION, state.get("rotatedFor"))
             secret: str | None = None
             if spec.identity.publicClient:
                 pass  # a public client has no secret (RFC 6749 §2.1)
@@ -228,7 +233,7 @@ class AppReconciler:
                 outcome.events.append(
                     ("Normal", "SecretRotated", f"new secret for {cid}: its Secret was missing")
                 )
-            elif wanted_rotation is not None and wanted_rotation != state.get("rotatedFor"):
+            elif wanted_rotation is not None and wanted_rotation != rotated_for:
                 secret, revision = await hub.rotate_secret(cid), revision + 1
                 outcome.events.append(
                     ("Normal", "SecretRotated", f"secret of {cid} rotated on request")
@@ -236,7 +241,9 @@ class AppReconciler:
             else:
                 secret = kept
         credentials = render.ClientCredentials(cid, secret, issuer)
-        await asyncio.to_thread(kube.apply, render.render_secret(app, credentials))
+        await asyncio.to_thread(
+            kube.apply, render.render_secret(app, credentials, revision, wanted_rotation)
+        )
         new_state: dict[str, Any] = {"clientId": cid, "secretRevision": revision}
         if wanted_rotation is not None:
             new_state["rotatedFor"] = wanted_rotation
@@ -325,6 +332,15 @@ class AppReconciler:
                 if await hub.delete_client(cid):
                     done.append(f"OIDC client {cid} deleted")
         return done
+
+
+def _int(*candidates: Any) -> int:
+    for candidate in candidates:
+        try:
+            return int(candidate)
+        except (TypeError, ValueError):
+            continue
+    return 0
 
 
 def _ours(labels: Mapping[str, str], app: AppRef) -> bool:

@@ -22,6 +22,7 @@ CONTAINER = "app"
 # The pod template carries the OIDC secret's rotation count, so a rotation rolls the pods
 # (environment variables from a Secret are read only when a container starts).
 SECRET_REVISION_ANNOTATION = "cityplane.io/oidc-secret-revision"
+ROTATED_FOR_ANNOTATION = "cityplane.io/rotated-for"
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +249,12 @@ def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
 
-def render_secret(app: AppRef, credentials: ClientCredentials) -> dict[str, Any]:
+def render_secret(
+    app: AppRef, credentials: ClientCredentials, revision: int = 0, rotated_for: str | None = None
+) -> dict[str, Any]:
+    """The OIDC Secret. It also records which secret revision it holds and which rotation request
+    it answered: read back at each reconcile, that is fresher than a status kopf may hand a
+    handler late, so a rotation request is answered exactly once."""
     # `data`, not `stringData`: the API server stores only `data`, so a drift check comparing
     # what it reads back with what is wanted sees no difference when there is none.
     values = {
@@ -258,10 +264,14 @@ def render_secret(app: AppRef, credentials: ClientCredentials) -> dict[str, Any]
     }
     if credentials.client_secret is not None:
         values["client_secret"] = credentials.client_secret
+    meta = _meta(app, app.secret_name)
+    meta["annotations"] = {SECRET_REVISION_ANNOTATION: str(revision)}
+    if rotated_for is not None:
+        meta["annotations"][ROTATED_FOR_ANNOTATION] = rotated_for
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": _meta(app, app.secret_name),
+        "metadata": meta,
         "type": "Opaque",
         "data": {key: _b64(value) for key, value in values.items()},
     }
