@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_server_args(up, 8080)
     up.add_argument("--status-port", type=int, default=_int_env("STATUS_PORT", 8081))
     up.add_argument("--registry-port", type=int, default=_int_env("REGISTRY_PORT", 8090))
+    up.add_argument("--identity-port", type=int, default=_int_env("IDENTITY_PORT", 8070))
     up.add_argument(
         "--data-dir", type=Path, default=Path(_env("DATA_DIR", ".cityplane")), help="state dir"
     )
@@ -167,9 +168,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--audience", metavar="AUD", default=_env("AUDIENCE"), help="required 'aud' of tokens"
     )
 
-    for name, what in (("identity", "the OIDC identity hub"),):
-        p = sub.add_parser(name, help=f"run {what} (not in this version yet)")
-        _add_server_args(p, 0)
+    idp = sub.add_parser("identity", help="run the OIDC identity hub")
+    _add_server_args(idp, 8070)
+    idp.add_argument(
+        "--issuer", default=_env("ISSUER"), help="public URL (default: http://HOST:PORT)"
+    )
+    idp.add_argument("--data-dir", type=Path, default=Path(_env("DATA_DIR", ".cityplane")))
+    idp.add_argument(
+        "--database-url",
+        default=_env("DATABASE_URL"),
+        help="postgresql+asyncpg://… (default: SQLite under --data-dir)",
+    )
+    idp.add_argument("--redis-url", default=_env("REDIS_URL"), help="shared login throttling")
+    idp.add_argument("--admin-token-file", type=Path, default=_env("ADMIN_TOKEN_FILE"))
+    idp.add_argument(
+        "--trust-config", type=Path, default=_env("TRUST_CONFIG"), help="YAML: trust levels"
+    )
+    idp.add_argument("--signing-alg", choices=("ES256", "RS256"), default="ES256")
+    idp.add_argument(
+        "--realname-registry",
+        type=Path,
+        default=_env("REALNAME_REGISTRY"),
+        help="reference real-name authority file (development)",
+    )
+    idp.add_argument("--sms-outbox", type=Path, default=_env("SMS_OUTBOX"))
+    idp.add_argument("--demo", action="store_true", help="create the demo accounts and clients")
     add_operator_parser(sub)
     sub.add_parser("version", help="print the version")
     _add_registry_commands(sub)
@@ -374,6 +397,42 @@ def _run_registry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_identity(args: argparse.Namespace) -> int:
+    from identity.app import IdentityStartError, run
+    from identity.hub import IdentitySettings
+
+    trust: dict[str, Any] | None = None
+    if args.trust_config is not None:
+        from cityplane.documents import DocumentError, load_yaml_mapping
+
+        try:
+            trust = load_yaml_mapping(args.trust_config)
+        except DocumentError as exc:
+            raise CliError(str(exc), EXIT_CONFIG) from None
+    _use_uvloop()
+    settings = IdentitySettings(
+        host=args.host,
+        port=args.port,
+        issuer=args.issuer,
+        data_dir=args.data_dir,
+        database_url=args.database_url,
+        redis_url=args.redis_url,
+        admin_token_file=args.admin_token_file,
+        trust_config=trust,
+        signing_alg=args.signing_alg,
+        realname_registry=args.realname_registry,
+        sms_outbox=args.sms_outbox,
+        demo=args.demo,
+    )
+    try:
+        run(settings)
+    except IdentityStartError as exc:
+        raise CliError(str(exc), EXIT_CONFIG) from None
+    except OSError as exc:
+        raise CliError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    return 0
+
+
 CLIENT_COMMANDS = ("apply", "delete", "get", "lifecycle", "import-openapi", "login")
 
 
@@ -413,6 +472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if logging.getLogger().level > logging.DEBUG:
+        # Alembic narrates every plugin and migration step at INFO; the parts log what matters.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         if args.command == "gateway":
             return _run_gateway(args)
@@ -432,8 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_registry(args)
         if args.command == "operator":
             return run_operator(args)
-        if args.command in ("identity", "operator"):
-            raise CliError(f"'cityplane {args.command}' is not in this version yet", EXIT_USAGE)
+        if args.command == "identity":
+            return _run_identity(args)
         parser.print_help()
         return EXIT_USAGE
     except CliError as exc:

@@ -172,6 +172,8 @@ async def _seed(registry: Any, services: list[dict[str, Any]]) -> None:
 async def _demo(args: argparse.Namespace) -> None:
     from cityplane.context import write_context
     from gateway.runtime import Gateway, GatewaySettings
+    from identity.app import IdentityStartError, start_identity
+    from identity.hub import IdentitySettings
     from registry.app import RegistrySettings, RegistryStartError, start_registry
 
     data_dir: Path = args.data_dir.resolve()
@@ -198,18 +200,26 @@ async def _demo(args: argparse.Namespace) -> None:
     )
     registry = None
     gateway = None
+    hub = None
 
     async def cleanup() -> None:
         if gateway is not None:
             await gateway.stop()
         if registry is not None:
             await registry.stop()
+        if hub is not None:
+            await hub.stop()
         for r in runners:
             await r.cleanup()
 
     try:
+        hub = await start_identity(
+            IdentitySettings(host=args.host, port=args.identity_port, data_dir=data_dir, demo=True)
+        )
         registry = await start_registry(
-            RegistrySettings(host=args.host, port=args.registry_port, data_dir=data_dir)
+            RegistrySettings(
+                host=args.host, port=args.registry_port, data_dir=data_dir, issuer=hub.issuer
+            )
         )
         await _seed(registry, services)
         gateway = Gateway(
@@ -221,6 +231,7 @@ async def _demo(args: argparse.Namespace) -> None:
                 registry_url=registry.url,
                 registry_token=registry.admin_token,
                 state_dir=data_dir / "gateway",
+                issuer=hub.issuer,
             )
         )
         await gateway.start()
@@ -228,12 +239,15 @@ async def _demo(args: argparse.Namespace) -> None:
         await cleanup()
         raise CliError(
             f"cannot listen on {args.host} ports {args.port}/{args.status_port}/"
-            f"{args.registry_port}: {exc.strerror or exc} (use --port, --status-port, "
-            "--registry-port)"
+            f"{args.registry_port}/{args.identity_port}: {exc.strerror or exc} (use --port, "
+            "--status-port, --registry-port, --identity-port)"
         ) from None
     except RegistryStartError as exc:
         await cleanup()
         raise CliError(f"registry: {exc}") from None
+    except IdentityStartError as exc:
+        await cleanup()
+        raise CliError(f"identity hub: {exc}") from None
     token_file = registry.admin_token_file
     write_context("demo", registry.url, token_file)
     base = f"http://{args.host}:{gateway.port}"
@@ -264,6 +278,15 @@ async def _demo(args: argparse.Namespace) -> None:
             "curl": f"cityplane get services; cityplane apply -f {config}",
         },
         {"what": "metrics", "curl": f"curl -s {status}/metrics | grep cityplane_gateway"},
+        {
+            "what": "the identity hub: sign in to your account page (accounts below)",
+            "curl": f"open {hub.issuer}/account",
+        },
+        {
+            "what": "a machine token (client credentials) from the hub",
+            "curl": f"curl -s -u demo-web:{_secret(hub)} -d grant_type=client_credentials "
+            f"-d scope=bus:read {hub.issuer}/token",
+        },
     ]
     demo = {
         "gateway": base,
@@ -273,6 +296,10 @@ async def _demo(args: argparse.Namespace) -> None:
         "config": str(config),
         "access_log": str(data_dir / "access.log"),
         "services": {"bus-times": bus_urls, "permits": [permits_url], "archive": [archive_url]},
+        "identity": hub.issuer,
+        "identity_admin_token_file": str(data_dir / "identity-admin-token"),
+        "accounts": hub.hub.demo["accounts"],
+        "clients": hub.hub.demo["clients"],
         "try": tries,
     }
     (data_dir / "demo.json").write_text(json.dumps(demo, indent=2) + "\n")
@@ -281,12 +308,23 @@ async def _demo(args: argparse.Namespace) -> None:
         f"  gateway   {base}",
         f"  registry  {registry.url}  (admin token in {token_file}; `cityplane` context 'demo')",
         f"  status    {status}/healthz  /readyz  /metrics",
+        f"  identity  {hub.issuer}  (OIDC discovery: /.well-known/openid-configuration)",
         f"  services  {config}",
         f"  access    {data_dir / 'access.log'}",
         "Try:",
     ]
     for t in tries:
         lines += [f"  # {t['what']}", f"  {t['curl']}"]
+    lines.append("Demo accounts (one per trust level):")
+    for account in hub.hub.demo["accounts"]:
+        how = [f"password {account['password']}"]
+        if "totp_secret" in account:
+            how.append(f"TOTP secret {account['totp_secret']}")
+        if "phone" in account:
+            how.append(f"SMS codes in {account['sms_outbox']}")
+        if "resident_id" in account:
+            how.append(f"real-name: {account['real_name']} {account['resident_id']}")
+        lines.append(f"  level {account['level']}  {account['username']:<9} " + "; ".join(how))
     lines.append(f"(written to {data_dir / 'demo.json'}; Ctrl-C stops)")
     print("\n".join(lines), flush=True)
 
@@ -303,6 +341,12 @@ async def _demo(args: argparse.Namespace) -> None:
         pass
     finally:
         await cleanup()
+
+
+def _secret(hub: Any) -> str:
+    return next(
+        str(c["client_secret"]) for c in hub.hub.demo["clients"] if c["client_id"] == "demo-web"
+    )
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -118,6 +118,25 @@ def parse_documents(text: str, where: str = "<input>") -> list[Located]:
     return found
 
 
+def load_yaml_mapping(path: Path) -> dict[str, Any]:
+    """One YAML mapping from a settings file (duplicate keys refused); DocumentError otherwise."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise DocumentError(f"{path}: cannot read: {reason}") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DocumentError(f"{at}: malformed YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise DocumentError(f"{path}: must be a mapping")
+    return data
+
+
 def document_files(path: Path) -> list[Path]:
     if path.is_dir():
         return sorted(p for p in path.iterdir() if p.suffix in SUFFIXES and p.is_file())

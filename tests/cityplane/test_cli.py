@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from aiohttp import ClientSession
+from aiohttp import ClientSession, encode_basic_auth
 
 from cityplane.documents import load_documents
 from tests.gateway.procs import free_port
@@ -62,11 +62,15 @@ def test_missing_config_and_bad_flags_fail_cleanly(tmp_path: Path) -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
-def test_parts_not_built_yet_say_so() -> None:
-    for part in ("identity", "operator"):
-        result = cli(part)
-        assert result.returncode == 2
-        assert "not in this version yet" in result.stderr
+def test_identity_with_a_malformed_trust_config_says_where_in_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "trust.yaml"
+    bad.write_text("levels: [1\n")
+    result = cli("identity", "--trust-config", str(bad), "--data-dir", str(tmp_path))
+    assert result.returncode == 3
+    assert (
+        result.stderr.strip()
+        == f"cityplane: {bad}:2: malformed YAML: expected ',' or ']', but got '<stream end>'"
+    )
 
 
 def test_examples_are_valid_documents() -> None:
@@ -75,7 +79,7 @@ def test_examples_are_valid_documents() -> None:
 
 
 async def test_up_runs_the_demo_city_and_writes_demo_json(tmp_path: Path) -> None:
-    port, status, registry_port = free_port(), free_port(), free_port()
+    port, status, registry_port, identity_port = free_port(), free_port(), free_port(), free_port()
     env = {**os.environ, "CITYPLANE_CONFIG": str(tmp_path / "cli-config")}
     proc = subprocess.Popen(
         [
@@ -89,6 +93,8 @@ async def test_up_runs_the_demo_city_and_writes_demo_json(tmp_path: Path) -> Non
             str(status),
             "--registry-port",
             str(registry_port),
+            "--identity-port",
+            str(identity_port),
             "--data-dir",
             str(tmp_path / ".cityplane"),
         ],
@@ -106,6 +112,9 @@ async def test_up_runs_the_demo_city_and_writes_demo_json(tmp_path: Path) -> Non
         demo = json.loads(demo_file.read_text())
         assert demo["gateway"] == f"http://127.0.0.1:{port}"
         assert demo["registry"] == f"http://127.0.0.1:{registry_port}"
+        assert demo["identity"] == f"http://127.0.0.1:{identity_port}"
+        assert {a["level"] for a in demo["accounts"]} == {1, 2, 3, 4}
+        assert {c["client_id"] for c in demo["clients"]} == {"demo-web", "demo-spa"}
         # The CLI finds the registry through the context `up` wrote.
         listing = subprocess.run(
             [sys.executable, "-m", "cityplane.cli", "get", "services"],
@@ -137,6 +146,19 @@ async def test_up_runs_the_demo_city_and_writes_demo_json(tmp_path: Path) -> Non
                 assert resp.status == 201
                 assert resp.headers["Sunset"] == "Wed, 30 Jun 2027 00:00:00 GMT"
                 assert resp.headers["Deprecation"].startswith("@")
+            # the hub is up, and the registry and the gateway trust its tokens
+            web = next(c for c in demo["clients"] if c["client_id"] == "demo-web")
+            async with http.post(
+                demo["identity"] + "/token",
+                data={"grant_type": "client_credentials", "scope": "registry:read"},
+                headers={"Authorization": encode_basic_auth("demo-web", web["client_secret"])},
+            ) as resp:
+                assert resp.status == 200
+                machine = (await resp.json())["access_token"]
+            async with http.get(
+                demo["registry"] + "/v1/services", headers={"Authorization": f"Bearer {machine}"}
+            ) as resp:
+                assert resp.status == 200
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=15)
