@@ -8,6 +8,7 @@ caller to close after in-flight requests drain.
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 from datetime import UTC
@@ -52,6 +53,20 @@ class Compiler:
         self._deprecated_at: dict[str, int] = {}
 
     def compile(self, services: list[CityService], revision: int = 0) -> CompileResult:
+        # A large config allocates a few hundred objects per service (clusters, pools, metric
+        # children), and every one survives: the cyclic collector would walk the growing heap
+        # again and again for nothing. Measured with 10,000 one-route services: 1.04-1.17 s
+        # with the collector on, 0.42-0.43 s with it paused (docs/perf.md). compile() never
+        # awaits, so no request runs while the collector is paused.
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            return self._compile(services, revision)
+        finally:
+            if paused:
+                gc.enable()
+
+    def _compile(self, services: list[CityService], revision: int) -> CompileResult:
         routes: list[CompiledRoute] = []
         clusters: dict[str, tuple[str, UpstreamCluster]] = {}
         fresh: list[UpstreamCluster] = []

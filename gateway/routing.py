@@ -8,7 +8,8 @@ Priority, in order (documented in docs/routing.md):
 3. method: a route that lists the request's method beats a route without ``methods``.
 A path that matches only routes for other methods answers ``405`` with ``Allow``.
 
-Lookup cost does not grow with the number of routes: one dict probe per path segment.
+Lookup cost does not grow with the number of routes: a dict probe for the first path segment,
+then one per candidate prefix within it (see ``_PathTable``).
 """
 
 from __future__ import annotations
@@ -64,12 +65,83 @@ def prefix_key(prefix: str) -> str:
     return prefix.rstrip("/") or "/"
 
 
+class _Choice:
+    """The routes of one path key, by method: what a lookup needs and nothing more.
+
+    Routes on one key never share a method (``_PathTable.add`` refuses that), so a dict from
+    method to route plus the one catch-all route is the same as scanning the routes in order.
+    """
+
+    __slots__ = ("allowed", "any_method", "by_method")
+
+    def __init__(self, routes: list[CompiledRoute]) -> None:
+        self.by_method: dict[str, CompiledRoute] = {}
+        self.any_method: CompiledRoute | None = None
+        allowed: list[str] = []
+        for route in routes:
+            if route.methods is None:
+                self.any_method = route
+            else:
+                allowed.extend(route.methods)
+                for method in route.methods:
+                    self.by_method[method] = route
+        self.allowed = tuple(allowed)  # for 405's Allow when no route here takes the method
+
+
+class _Namespace:
+    """The exact paths and prefixes under one first segment (``/svc-12`` of ``/svc-12/v1/…``)."""
+
+    __slots__ = ("exact", "first", "longest", "prefix")
+
+    def __init__(self, first: str) -> None:
+        self.first = len(first)
+        self.exact: dict[str, _Choice] = {}
+        self.prefix: dict[str, _Choice] = {}
+        self.longest = 0  # no prefix here is longer: longer candidates need no probe
+
+    def match(self, path: str, method: str, allowed: list[str]) -> CompiledRoute | None:
+        choice = self.exact.get(path)
+        if choice is not None:
+            found = choice.by_method.get(method) or choice.any_method
+            if found is not None:
+                return found
+            allowed.extend(choice.allowed)
+        if not self.longest:
+            return None
+        probe = path
+        if len(path) > self.longest:
+            # Candidates end before a "/" or at the end of the path; the first that can exist
+            # ends at the last "/" within the longest prefix (never before the first segment).
+            probe = path[: path.rfind("/", 0, self.longest + 1)]
+        prefixes = self.prefix
+        first = self.first
+        while True:
+            choice = prefixes.get(probe)
+            if choice is not None:
+                found = choice.by_method.get(method) or choice.any_method
+                if found is not None:
+                    return found
+                allowed.extend(choice.allowed)
+            if len(probe) <= first:
+                return None
+            probe = probe[: probe.rfind("/")]
+
+
 class _PathTable:
-    __slots__ = ("exact", "prefix")
+    """Exact paths and prefixes of one host class.
+
+    Keyed by the first path segment, then one dict probe per candidate prefix: with 10,000
+    routes a probe into one big dict is likely a cache miss, while the namespace of one
+    service is small, and stays in cache when that service is busy (docs/perf.md).
+    """
+
+    __slots__ = ("_namespaces", "_root", "exact", "prefix")
 
     def __init__(self) -> None:
         self.exact: dict[str, list[CompiledRoute]] = {}
         self.prefix: dict[str, list[CompiledRoute]] = {}
+        self._namespaces: dict[str, _Namespace] = {}
+        self._root: _Choice | None = None  # pathPrefix "/"
 
     def add(self, route: CompiledRoute) -> None:
         bucket = (self.exact if route.exact else self.prefix).setdefault(route.path, [])
@@ -86,34 +158,42 @@ class _PathTable:
                     f"{where}{kind} {route.path!r} for the same methods"
                 )
         bucket.append(route)
-        # Method-specific routes first: they win over catch-all ones on the same path.
-        bucket.sort(key=lambda r: r.methods is None)
+
+    def freeze(self) -> None:
+        """Build the lookup form once every route is in."""
+        spaces = self._namespaces
+        for path, routes in self.exact.items():
+            space = spaces.get(first := _first_segment(path)) or spaces.setdefault(
+                first, _Namespace(first)
+            )
+            space.exact[path] = _Choice(routes)
+        for path, routes in self.prefix.items():
+            if path == "/":
+                self._root = _Choice(routes)
+                continue
+            space = spaces.get(first := _first_segment(path)) or spaces.setdefault(
+                first, _Namespace(first)
+            )
+            space.prefix[path] = _Choice(routes)
+            space.longest = max(space.longest, len(path))
 
     def match(self, path: str, method: str, allowed: list[str]) -> CompiledRoute | None:
-        cands = self.exact.get(path)
-        if cands and (found := _by_method(cands, method, allowed)):
+        cut = path.find("/", 1)
+        space = self._namespaces.get(path if cut < 0 else path[:cut])
+        if space is not None and (found := space.match(path, method, allowed)):
             return found
-        prefixes = self.prefix
-        if not prefixes:
-            return None
-        probe = path
-        while True:
-            cands = prefixes.get(probe)
-            if cands and (found := _by_method(cands, method, allowed)):
+        root = self._root
+        if root is not None:
+            found = root.by_method.get(method) or root.any_method
+            if found is not None:
                 return found
-            if probe == "/":
-                return None
-            cut = probe.rfind("/")
-            probe = probe[:cut] if cut > 0 else "/"
+            allowed.extend(root.allowed)
+        return None
 
 
-def _by_method(cands: list[CompiledRoute], method: str, allowed: list[str]) -> CompiledRoute | None:
-    for route in cands:
-        methods = route.methods
-        if methods is None or method in methods:
-            return route
-        allowed.extend(methods)
-    return None
+def _first_segment(path: str) -> str:
+    cut = path.find("/", 1)
+    return path if cut < 0 else path[:cut]
 
 
 class RoutingTable:
@@ -129,6 +209,8 @@ class RoutingTable:
         self._any_host = _PathTable()
         for route in self.routes:
             self._table_for(route.host).add(route)
+        for table in (self._any_host, *self._exact_hosts.values(), *self._wildcards.values()):
+            table.freeze()
 
     def _table_for(self, host: str | None) -> _PathTable:
         if host is None:
