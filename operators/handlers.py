@@ -85,7 +85,7 @@ def build_registry(
     def authenticate(**kwargs: Any) -> kopf.ConnectionInfo | None:
         return login(**kwargs)
 
-    async def run(handler: str, body: kopf.Body, patch: kopf.Patch, retry: int) -> Outcome:
+    async def run(handler: str, body: kopf.Body, patch: kopf.Patch) -> Outcome:
         started = time.monotonic()
         async with lock_for(body):
             outcome = await reconciler.reconcile(body)
@@ -102,13 +102,14 @@ def build_registry(
         metrics.observe(handler, result, time.monotonic() - started, outcome.failed)
         return outcome
 
-    @kopf.on.resume(*RESOURCE, registry=registry)
-    @kopf.on.create(*RESOURCE, registry=registry)
-    @kopf.on.update(*RESOURCE, registry=registry)
+    # Stable handler ids: kopf keys its progress records (annotations, status.kopf) by them.
+    @kopf.on.resume(*RESOURCE, id="reconcile", registry=registry)
+    @kopf.on.create(*RESOURCE, id="reconcile", registry=registry)
+    @kopf.on.update(*RESOURCE, id="reconcile", registry=registry)
     async def reconcile(
         body: kopf.Body, patch: kopf.Patch, retry: int, reason: str, **_: Any
     ) -> None:
-        outcome = await run(str(reason), body, patch, retry)
+        outcome = await run(str(reason), body, patch)
         if outcome.permanent:
             raise kopf.PermanentError(outcome.permanent)
         if outcome.transient:
@@ -120,6 +121,7 @@ def build_registry(
 
     @kopf.timer(
         *RESOURCE,
+        id="drift",
         interval=timing.drift_interval,
         initial_delay=timing.drift_interval,
         registry=registry,
@@ -128,11 +130,11 @@ def build_registry(
         """Level-based correction: re-apply what should be (someone edited a child, the registry
         lost the entry) and refresh WorkloadReady from the Deployment's status."""
         retry = int(kwargs.get("retry") or 0)
-        outcome = await run("timer", body, patch, retry)
+        outcome = await run("timer", body, patch)
         if outcome.transient and not outcome.permanent:
             raise kopf.TemporaryError("; ".join(outcome.transient), delay=backoff(retry, timing))
 
-    @kopf.on.delete(*RESOURCE, registry=registry)
+    @kopf.on.delete(*RESOURCE, id="cleanup", registry=registry)
     async def finalize(body: kopf.Body, retry: int, **_: Any) -> None:
         started = time.monotonic()
         try:
