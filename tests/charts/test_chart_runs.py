@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import helm_python as helm
 import pytest
 
 from tests.charts.chart_support import RELEASE, container, find, render
@@ -62,6 +63,10 @@ class RenderedContainer:
                 for item in secret["items"]:
                     (local / item["path"]).write_bytes(base64.b64decode(data[item["key"]]))
                     (local / item["path"]).chmod(0o600)
+            configmap = volumes[mount["name"]].get("configMap")
+            if configmap:
+                for key, text in find(objects, "ConfigMap", configmap["name"])["data"].items():
+                    (local / key).write_text(text, encoding="utf-8")
         args = []
         for arg in self.container["args"]:
             flag, sep, value = arg.partition("=")
@@ -253,3 +258,31 @@ def test_the_helm_test_pod_passes_when_the_gateway_and_hub_answer_and_names_what
     finally:
         _City.broken = set()
         server.shutdown()
+
+
+def test_the_rendered_identity_hub_starts_with_its_trust_config_and_serves_discovery(
+    tmp_path: Path,
+) -> None:
+    trust = {"amr": {"cert": "sc"}}
+    objects = render({"identity": {"trustConfig": trust}})
+    hub = RenderedContainer(objects, f"{FULL}-identity", tmp_path / "identity", {})
+    try:
+        assert any(a.startswith("--trust-config=") for a in hub.args)
+        for url in hub.probes().values():
+            assert hub.wait_until_ok(url, within=40) == 200
+        with urllib.request.urlopen(
+            hub.url("http", "/.well-known/openid-configuration"), timeout=5
+        ) as response:
+            discovery = json.loads(response.read())
+        # Tokens name the issuer the gateway is told to accept.
+        gateway_args = container(objects, f"{FULL}-gateway")["args"]
+        assert f"--issuer={discovery['issuer']}" in gateway_args
+        assert discovery["jwks_uri"] == f"{discovery['issuer']}/jwks.json"
+        assert f"--jwks-url={discovery['jwks_uri']}" in gateway_args
+    finally:
+        hub.stop()
+
+
+def test_a_trust_config_pasted_with_its_top_level_key_is_refused() -> None:
+    with pytest.raises(helm.HelmValuesError, match="trust"):
+        render({"identity": {"trustConfig": {"trust": {"levels": {}}}}})
