@@ -122,7 +122,12 @@ async def start_operator(kube: KubeEmulator) -> AsyncIterator[StartOperator]:
         await eventually(ready.is_set, what="kopf to be ready")
         return settings
 
+    async def stop_all() -> None:
+        while stops:
+            thread, stop = stops.pop()
+            stop.set()
+            await asyncio.to_thread(thread.join, 10)
+
+    start.stop_all = stop_all  # type: ignore[attr-defined]
     yield start
-    for thread, stop in stops:
-        stop.set()
-        await asyncio.to_thread(thread.join, 10)
+    await stop_all()

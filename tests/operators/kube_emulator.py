@@ -4,7 +4,8 @@ kmock 0.8 (pinned: this relies on its internals) sets no ``uid``, ``resourceVers
 ``generation`` or ``creationTimestamp``, answers a failed JSON-patch ``test`` with 500 (kopf's
 finalizer patches test ``resourceVersion`` and expect 422), lists with a placeholder
 ``resourceVersion`` and ignores it on watches (every watch replays everything as ADDED and
-misses what changed between the list and the watch). This subclass keeps one change log with
+misses what changed between the list and the watch) and fails on ``/api/v1/namespaces``.
+This subclass keeps one change log with
 real resource versions and serves lists, watches and writes from it:
 
 - create: ``uid``, ``creationTimestamp``, ``generation: 1``, ``resourceVersion``;
@@ -13,7 +14,8 @@ real resource versions and serves lists, watches and writes from it:
   the main endpoint ignores ``status`` and the ``/status`` subresource changes only ``status``
   (as for every resource with a status subresource); ``generation`` grows when ``spec`` changes;
 - delete: with finalizers only ``deletionTimestamp``; gone once the finalizers are removed;
-- watch ``?resourceVersion=N`` replays the changes after N, then streams new ones.
+- watch ``?resourceVersion=N`` replays the changes after N, then streams new ones;
+- ``/api/v1/namespaces`` lists the namespaces in use (for an operator given namespaces).
 
 Still not emulated (kept to render tests and schema validation): garbage collection by owner
 references, server-side apply, strategic merge, defaulting, admission and schema validation.
@@ -32,6 +34,7 @@ from typing import Any
 import attrs
 import jsonpatch
 import kmock
+from aiohttp import web
 from kmock._internal import dicts, enums, rendering
 
 CITYAPPS = "cityplane.io/v1alpha1/cityapps"
@@ -42,6 +45,34 @@ class KubeEmulator(kmock.KubernetesEmulator):
     _revision: int = attrs.field(default=0, init=False)
     _changes: list[tuple[int, Any, dict[str, Any]]] = attrs.field(factory=list, init=False)
     _changed: asyncio.Condition = attrs.field(factory=asyncio.Condition, init=False)
+
+    # kmock 0.8 cannot parse `/api/v1/namespaces` (500), which kopf lists and watches when it
+    # serves given namespaces: served here from these names plus every object's namespace.
+    namespaces: set[str] = attrs.field(factory=set)
+
+    async def __call__(self, raw_request: web.BaseRequest) -> web.StreamResponse:
+        if raw_request.path.rstrip("/") != "/api/v1/namespaces":
+            response: web.StreamResponse = await super().__call__(raw_request)
+            return response
+        if raw_request.query.get("watch") == "true":
+            stream = web.StreamResponse()
+            await stream.prepare(raw_request)
+            # Namespaces do not come and go in these tests: an idle stream until it times out.
+            await asyncio.sleep(float(raw_request.query.get("timeoutSeconds") or 300))
+            return stream
+        names = self.namespaces | {ns for (_, ns, _) in self.objects if ns}
+        items = [
+            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+            for name in sorted(names)
+        ]
+        return web.json_response(
+            {
+                "kind": "NamespaceList",
+                "apiVersion": "v1",
+                "metadata": {"resourceVersion": str(self._revision)},
+                "items": items,
+            }
+        )
 
     @classmethod
     def with_cityplane(cls) -> KubeEmulator:
@@ -216,7 +247,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     # --- for tests ------------------------------------------------------------------------------
 
-    def get(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
+    def stored(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object as stored, e.g. ``get('apps/v1/deployments', 'ns', 'web')``."""
         for (resource, ns, nm), obj in self.objects.items():
             if ns == namespace and nm == name and resource == kmock.resource(plural):

@@ -25,7 +25,7 @@ from tests.operators.test_operator_lifecycle import (
 
 def has(type_: str, status: str, reason: str | None = None) -> Any:
     def check(kube: KubeEmulator) -> dict[str, Any] | None:
-        found = condition(kube.get(CITYAPPS, NS, NAME), type_)
+        found = condition(kube.stored(CITYAPPS, NS, NAME), type_)
         if found and found["status"] == status and (reason is None or found["reason"] == reason):
             return found
         return None
@@ -43,7 +43,7 @@ async def test_invalid_spec_gets_ready_false_with_what_is_wrong_and_recovers_whe
 
     ready = await eventually(lambda: has("Ready", "False", "InvalidSpec")(kube), what="InvalidSpec")
     assert "give either replicas or autoscaling, not both" in ready["message"]
-    assert kube.get("apps/v1/deployments", NS, NAME) is None
+    assert kube.stored("apps/v1/deployments", NS, NAME) is None
     assert hub.clients == {}
     warnings = [
         obj.raw
@@ -56,7 +56,7 @@ async def test_invalid_spec_gets_ready_false_with_what_is_wrong_and_recovers_whe
 
     await patch(kube, {"spec": {"replicas": None}})
     await registered(kube)
-    assert kube.get("apps/v1/deployments", NS, NAME) is not None
+    assert kube.stored("apps/v1/deployments", NS, NAME) is not None
 
 
 async def test_registry_outage_is_retried_and_recovers(
@@ -75,10 +75,10 @@ async def test_registry_outage_is_retried_and_recovers(
         lambda: has("Registered", "False", "RegistryUnavailable")(kube), what="RegistryUnavailable"
     )
     assert f"127.0.0.1:{port}" in down["message"]
-    ready = condition(kube.get(CITYAPPS, NS, NAME), "Ready")
+    ready = condition(kube.stored(CITYAPPS, NS, NAME), "Ready")
     assert ready is not None and ready["status"] == "False"
     # the workload and the OIDC client did not wait for the registry
-    assert kube.get("apps/v1/deployments", NS, NAME) is not None
+    assert kube.stored("apps/v1/deployments", NS, NAME) is not None
     assert "transport.bus-tracker" in hub.clients
 
     running = await start_registry(
@@ -109,7 +109,7 @@ async def test_hub_outage_is_retried_and_recovers(
         lambda: has("IdentityProvisioned", "False", "HubUnavailable")(kube), what="HubUnavailable"
     )
     assert "identity hub" in down["message"]
-    assert kube.get("apps/v1/deployments", NS, NAME) is not None
+    assert kube.stored("apps/v1/deployments", NS, NAME) is not None
     assert has("Registered", "True")(kube)
 
     hub = await start_hub_double(port)
@@ -142,7 +142,7 @@ async def test_hub_comes_back_and_the_client_is_provisioned(
         )
         ready = has("Ready", "False", "Progressing")(kube)
         assert ready and ready["message"].startswith("WorkloadReady:")  # only pods are missing
-        assert kube.get("v1/secrets", NS, f"{NAME}-oidc") is not None
+        assert kube.stored("v1/secrets", NS, f"{NAME}-oidc") is not None
     finally:
         await hub.stop()
 

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from cityplane.client import RegistryClient
+from operators.handlers import Timing
 from registry.app import RunningRegistry
 from tests.operators.conftest import StartOperator, eventually, eventually_async
 from tests.operators.hub_double import HubDouble
@@ -59,15 +60,15 @@ async def test_creating_a_cityapp_deploys_registers_and_provisions_it(
     await create(kube, example())
 
     app = await eventually(
-        lambda: condition(kube.get(CITYAPPS, NS, NAME), "Registered"), what="Registered"
+        lambda: condition(kube.stored(CITYAPPS, NS, NAME), "Registered"), what="Registered"
     )
     assert app["status"] == "True"
-    deployment = kube.get("apps/v1/deployments", NS, NAME)
+    deployment = kube.stored("apps/v1/deployments", NS, NAME)
     assert deployment is not None
     owner = deployment["metadata"]["ownerReferences"][0]
     assert (
         owner["kind"] == "CityApp"
-        and owner["uid"] == kube.get(CITYAPPS, NS, NAME)["metadata"]["uid"]
+        and owner["uid"] == kube.stored(CITYAPPS, NS, NAME)["metadata"]["uid"]
     )
     for plural in (
         "v1/services",
@@ -75,8 +76,8 @@ async def test_creating_a_cityapp_deploys_registers_and_provisions_it(
         "policy/v1/poddisruptionbudgets",
         "networking.k8s.io/v1/networkpolicies",
     ):
-        assert kube.get(plural, NS, NAME) is not None, plural
-    secret = kube.get("v1/secrets", NS, f"{NAME}-oidc")
+        assert kube.stored(plural, NS, NAME) is not None, plural
+    secret = kube.stored("v1/secrets", NS, f"{NAME}-oidc")
     assert secret is not None
     assert secret_value(secret, "client_id") == "transport.bus-tracker"
     assert secret_value(secret, "client_secret") == hub.secrets["transport.bus-tracker"]
@@ -89,18 +90,18 @@ async def test_creating_a_cityapp_deploys_registers_and_provisions_it(
         stored.spec.upstream.targets[0].url == "http://bus-tracker.transport.svc.cluster.local:8080"
     )
     assert [r.name for r in stored.spec.routes] == ["live", "report"]
-    status = kube.get(CITYAPPS, NS, NAME)["status"]
+    status = kube.stored(CITYAPPS, NS, NAME)["status"]
     assert status["observedGeneration"] == 1
-    ready = condition(kube.get(CITYAPPS, NS, NAME), "Ready")
+    ready = condition(kube.stored(CITYAPPS, NS, NAME), "Ready")
     assert ready is not None and ready["status"] == "False" and ready["reason"] == "Progressing"
 
 
 async def registered(kube: KubeEmulator, name: str = NAME) -> dict[str, Any]:
     return await eventually(
         lambda: (
-            (c := condition(kube.get(CITYAPPS, NS, name), "Registered"))
+            (c := condition(kube.stored(CITYAPPS, NS, name), "Registered"))
             and c["status"] == "True"
-            and kube.get(CITYAPPS, NS, name)
+            and kube.stored(CITYAPPS, NS, name)
         ),
         what="the app to be registered",
     )
@@ -130,13 +131,13 @@ async def test_updating_a_cityapp_patches_its_objects_and_registry_entry(
     )
 
     def updated() -> bool:
-        app = kube.get(CITYAPPS, NS, NAME) or {}
+        app = kube.stored(CITYAPPS, NS, NAME) or {}
         return (app.get("status") or {}).get("observedGeneration") == 2
 
     await eventually(updated, what="generation 2 to be observed")
-    hpa = kube.get("autoscaling/v2/horizontalpodautoscalers", NS, NAME)
+    hpa = kube.stored("autoscaling/v2/horizontalpodautoscalers", NS, NAME)
     assert hpa is not None and hpa["spec"]["maxReplicas"] == 20
-    deployment = kube.get("apps/v1/deployments", NS, NAME)
+    deployment = kube.stored("apps/v1/deployments", NS, NAME)
     assert deployment is not None
     env = {
         e["name"]: e.get("value")
@@ -147,7 +148,7 @@ async def test_updating_a_cityapp_patches_its_objects_and_registry_entry(
         stored = await client.get_service("transport-bus-tracker")
     assert stored is not None and stored.spec.routes[0].match.pathPrefix == "/tracker/v2/"
     # the OIDC client was updated in place, its secret kept
-    secret = kube.get("v1/secrets", NS, f"{NAME}-oidc")
+    secret = kube.stored("v1/secrets", NS, f"{NAME}-oidc")
     assert secret is not None
     assert secret_value(secret, "client_secret") == hub.secrets["transport.bus-tracker"]
     assert [m for m, p in hub.requests if p.endswith("/secret")] == []
@@ -162,7 +163,7 @@ async def test_app_turns_ready_once_its_pods_are_and_drift_is_corrected(
 
     # what the deployment controller would report once two pods are ready
     path = f"/apis/apps/v1/namespaces/{NS}/deployments/{NAME}"
-    deployment = kube.get("apps/v1/deployments", NS, NAME)
+    deployment = kube.stored("apps/v1/deployments", NS, NAME)
     assert deployment is not None
     generation = deployment["metadata"]["generation"]
     async with kube.patch(
@@ -179,7 +180,9 @@ async def test_app_turns_ready_once_its_pods_are_and_drift_is_corrected(
         assert resp.status == 200
     ready = await eventually(
         lambda: (
-            (c := condition(kube.get(CITYAPPS, NS, NAME), "Ready")) and c["status"] == "True" and c
+            (c := condition(kube.stored(CITYAPPS, NS, NAME), "Ready"))
+            and c["status"] == "True"
+            and c
         ),
         what="Ready=True",
     )
@@ -199,7 +202,7 @@ async def test_app_turns_ready_once_its_pods_are_and_drift_is_corrected(
         assert resp.status == 200
 
     def image() -> str:
-        live = kube.get("apps/v1/deployments", NS, NAME) or {}
+        live = kube.stored("apps/v1/deployments", NS, NAME) or {}
         return str(live["spec"]["template"]["spec"]["containers"][0]["image"])
 
     await eventually(lambda: image() == example()["spec"]["image"], what="the image restored")
@@ -223,7 +226,7 @@ async def test_rotation_annotation_rotates_the_secret_and_rolls_the_pods(
     first = hub.secrets["transport.bus-tracker"]
 
     def template_revision() -> str:
-        live = kube.get("apps/v1/deployments", NS, NAME) or {}
+        live = kube.stored("apps/v1/deployments", NS, NAME) or {}
         return str(
             live["spec"]["template"]["metadata"]["annotations"]["cityplane.io/oidc-secret-revision"]
         )
@@ -233,11 +236,11 @@ async def test_rotation_annotation_rotates_the_secret_and_rolls_the_pods(
     await patch(kube, {"metadata": {"annotations": {"cityplane.io/rotate-secret": "2026-11-21"}}})
 
     def rotated() -> bool:
-        secret = kube.get("v1/secrets", NS, f"{NAME}-oidc") or {}
+        secret = kube.stored("v1/secrets", NS, f"{NAME}-oidc") or {}
         return bool(secret) and secret_value(secret, "client_secret") != first
 
     await eventually(rotated, what="a new secret in the Secret")
-    secret = kube.get("v1/secrets", NS, f"{NAME}-oidc")
+    secret = kube.stored("v1/secrets", NS, f"{NAME}-oidc")
     assert secret is not None
     assert secret_value(secret, "client_secret") == hub.secrets["transport.bus-tracker"]
     await eventually(lambda: template_revision() == "2", what="the pod template to roll")
@@ -246,7 +249,7 @@ async def test_rotation_annotation_rotates_the_secret_and_rolls_the_pods(
     await patch(kube, {"spec": {"env": [{"name": "LOG_LEVEL", "value": "warn"}]}})
     await eventually(
         lambda: (
-            (kube.get(CITYAPPS, NS, NAME) or {}).get("status", {}).get("observedGeneration") == 2
+            (kube.stored(CITYAPPS, NS, NAME) or {}).get("status", {}).get("observedGeneration") == 2
         ),
         what="generation 2",
     )
@@ -264,7 +267,7 @@ async def test_lost_secret_is_replaced_with_a_new_one(
         assert resp.status == 200
 
     def replaced() -> bool:
-        secret = kube.get("v1/secrets", NS, f"{NAME}-oidc") or {}
+        secret = kube.stored("v1/secrets", NS, f"{NAME}-oidc") or {}
         return (
             bool(secret)
             and secret_value(secret, "client_secret") == hub.secrets["transport.bus-tracker"]
@@ -284,7 +287,7 @@ async def test_deleting_a_cityapp_removes_its_registry_entry_and_oidc_client(
 
     async with kube.delete(f"/apis/cityplane.io/v1alpha1/namespaces/{NS}/cityapps/{NAME}") as resp:
         assert resp.status == 200
-    await eventually(lambda: kube.get(CITYAPPS, NS, NAME) is None, what="the CityApp to go")
+    await eventually(lambda: kube.stored(CITYAPPS, NS, NAME) is None, what="the CityApp to go")
     assert "transport.bus-tracker" not in hub.clients
     async with RegistryClient(registry.url, registry.admin_token) as client:
         assert await client.get_service("transport-bus-tracker") is None
@@ -298,18 +301,76 @@ async def test_removing_identity_deletes_the_client_and_its_secret(
     await registered(kube)
     await patch(kube, {"spec": {"identity": None}})
 
-    await eventually(lambda: kube.get("v1/secrets", NS, f"{NAME}-oidc") is None, what="no Secret")
+    await eventually(
+        lambda: kube.stored("v1/secrets", NS, f"{NAME}-oidc") is None, what="no Secret"
+    )
     assert "transport.bus-tracker" not in hub.clients
     identity = await eventually(
         lambda: (
-            (c := condition(kube.get(CITYAPPS, NS, NAME), "IdentityProvisioned"))
+            (c := condition(kube.stored(CITYAPPS, NS, NAME), "IdentityProvisioned"))
             and c["reason"] == "NotRequested"
             and c
         ),
         what="IdentityProvisioned=NotRequested",
     )
     assert identity["status"] == "True"
-    deployment = kube.get("apps/v1/deployments", NS, NAME)
+    deployment = kube.stored("apps/v1/deployments", NS, NAME)
     assert deployment is not None
     env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
     assert not [e for e in env if e["name"].startswith("CITYPLANE_OIDC_")]
+
+
+async def test_a_restarted_operator_resumes_and_repairs(
+    kube: KubeEmulator, registry: RunningRegistry, hub: HubDouble, start_operator: StartOperator
+) -> None:
+    slow = Timing(drift_interval=60, retry_delay=0.2, max_retry_delay=0.5)
+    await start_operator(
+        registry_url=registry.url, registry_token=registry.admin_token, hub=hub, timing=slow
+    )
+    await create(kube, example())
+    await registered(kube)
+    await start_operator.stop_all()  # type: ignore[attr-defined]
+    async with kube.delete(f"/api/v1/namespaces/{NS}/services/{NAME}") as resp:
+        assert resp.status == 200
+
+    await start_operator(
+        registry_url=registry.url, registry_token=registry.admin_token, hub=hub, timing=slow
+    )
+    await eventually(lambda: kube.stored("v1/services", NS, NAME) is not None, what="resume")
+
+
+async def test_public_client_gets_no_secret_and_a_draft_is_not_routed(
+    kube: KubeEmulator, registry: RunningRegistry, hub: HubDouble, start_operator: StartOperator
+) -> None:
+    await start_operator(registry_url=registry.url, registry_token=registry.admin_token, hub=hub)
+    document = example()
+    document["spec"]["lifecycle"] = "draft"
+    document["spec"]["identity"] = {
+        "redirectUris": ["http://localhost:3000/cb"],
+        "publicClient": True,
+    }
+    await create(kube, document)
+    await registered(kube)
+    secret = kube.stored("v1/secrets", NS, f"{NAME}-oidc")
+    assert secret is not None and "client_secret" not in secret["data"]
+    assert hub.clients["transport.bus-tracker"]["public"] is True
+    routes = condition(kube.stored(CITYAPPS, NS, NAME), "RoutesProgrammed")
+    assert routes is not None and (routes["status"], routes["reason"]) == ("False", "Draft")
+
+
+async def test_a_namespaced_operator_leaves_other_namespaces_alone(
+    kube: KubeEmulator, registry: RunningRegistry, hub: HubDouble, start_operator: StartOperator
+) -> None:
+    await start_operator(
+        registry_url=registry.url, registry_token=registry.admin_token, hub=hub, namespace=NS
+    )
+    elsewhere = example()
+    elsewhere["metadata"]["namespace"] = "parks"
+    async with kube.post(
+        "/apis/cityplane.io/v1alpha1/namespaces/parks/cityapps", json=elsewhere
+    ) as resp:
+        assert resp.status == 200
+    await create(kube, example())
+    await registered(kube)
+    assert kube.stored("apps/v1/deployments", "parks", NAME) is None
+    assert kube.stored(CITYAPPS, "parks", NAME).get("status") is None
