@@ -18,15 +18,16 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cityplane.storage import writer
+from cityplane.storage import is_postgresql, writer
 from identity.models import signing_keys
 
 log = logging.getLogger(__name__)
 
 ALGORITHMS = ("ES256", "RS256")
+_KEYS_LOCK = 0x4B455953  # "KEYS": replicas create and rotate keys one at a time
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,14 +112,31 @@ class KeyRing:
 
     async def ensure(self, now: float | None = None) -> None:
         """At least one key signs now (first start: one that signs at once); rotate when the
-        signing key is older than `rotate_after`."""
+        signing key is older than `rotate_after`. Replicas decide under one lock, so two hubs
+        starting together on one database make one key, not two."""
         now = time.time() if now is None else now
         await self.load()
         current = self._signing_or_none(now)
-        if current is None:
-            await self._add(now, active_from=now)
-        elif now - current.active_from >= self.rotate_after and not self._pending(now):
-            await self.rotate(now)
+        due = current is None or (
+            now - current.active_from >= self.rotate_after and not self._pending(now)
+        )
+        if due:
+            await self._add(
+                now,
+                active_from=now if current is None else now + self.publish_ahead,
+                retire_kid=current.kid if current else None,
+                only_if_due=True,
+            )
+
+    def _due(self, rows: Any, now: float) -> bool:
+        signing = [
+            r["active_from"]
+            for r in rows
+            if r["active_from"] <= now and (r["retire_at"] is None or now < r["retire_at"])
+        ]
+        if any(r["active_from"] > now for r in rows):
+            return False  # a rotation is already under way
+        return not signing or now - max(signing) >= self.rotate_after
 
     def _pending(self, now: float) -> bool:
         return any(k.active_from > now for k in self._keys)
@@ -132,15 +150,30 @@ class KeyRing:
         new = await self._add(
             now, active_from=active_from, retire_kid=current.kid if current else None
         )
+        assert new is not None  # without only_if_due, a key is always made
         return new
 
     async def _add(
-        self, now: float, *, active_from: float, retire_kid: str | None = None
-    ) -> SigningKey:
+        self,
+        now: float,
+        *,
+        active_from: float,
+        retire_kid: str | None = None,
+        only_if_due: bool = False,
+    ) -> SigningKey | None:
         private, jwk = _generate(self.alg)
         kid = f"{time.strftime('%Y%m%d', time.gmtime(now))}-{secrets.token_hex(4)}"
         jwk.update({"kid": kid, "alg": self.alg, "use": "sig"})
         async with writer(self._engine).begin() as conn:
+            if is_postgresql(self._engine):
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _KEYS_LOCK})
+            if only_if_due and not self._due(
+                (await conn.execute(select(signing_keys))).mappings().all(), now
+            ):
+                # Another replica made the key while we looked (we looked again, locked).
+                await conn.rollback()
+                await self.load()
+                return None
             if retire_kid is not None:
                 await conn.execute(
                     update(signing_keys)
@@ -161,7 +194,7 @@ class KeyRing:
             )
         log.info("signing key %s published; signs from %s", kid, time.ctime(active_from))
         await self.load()
-        return next(k for k in self._keys if k.kid == kid)
+        return next((k for k in self._keys if k.kid == kid), None)
 
     def _signing_or_none(self, now: float) -> SigningKey | None:
         candidates = [k for k in self._keys if k.signs_at(now)]
