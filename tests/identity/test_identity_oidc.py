@@ -28,9 +28,11 @@ async def _jwks_key(hub: RunningIdentity, token: str):
 
 
 async def test_discovery_names_every_endpoint_and_the_trust_levels(hub: RunningIdentity) -> None:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{hub.issuer}/.well-known/openid-configuration") as r:
-            doc = await r.json()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{hub.issuer}/.well-known/openid-configuration") as r,
+    ):
+        doc = await r.json()
     assert doc["issuer"] == hub.issuer
     assert doc["code_challenge_methods_supported"] == ["S256"]
     assert doc["response_types_supported"] == ["code"]  # no implicit flow

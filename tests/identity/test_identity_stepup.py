@@ -215,7 +215,7 @@ async def test_one_real_name_identity_links_to_one_account_only(
 async def test_wrong_passwords_are_throttled_per_account(
     hub: RunningIdentity, browser: FormBrowser
 ) -> None:
-    status, location, _ = await browser.get(
+    _, location, _ = await browser.get(
         "/authorize?response_type=code&client_id=demo-web&scope=openid&redirect_uri="
         + CALLBACK
         + "&code_challenge="
@@ -224,7 +224,7 @@ async def test_wrong_passwords_are_throttled_per_account(
     )
     messages = []
     for _ in range(7):
-        status, _, page = await browser.get(location)
+        _, _, page = await browser.get(location)
         csrf = re.search(r'name="csrf" value="([^"]+)"', page)
         flow = re.search(r'name="flow" value="([^"]+)"', page)
         assert csrf and flow
@@ -249,9 +249,11 @@ async def test_audit_log_chain_is_intact_after_logins_and_admin_changes(
 ) -> None:
     await _sign_in(hub, browser, {"password": ("citizen1", "demo-citizen-1")})
     admin = {"Authorization": f"Bearer {hub.admin_token}"}
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"{hub.issuer}/admin/audit/verify", headers=admin) as r:
-            assert await r.json() == {"intact": True, "first_bad_entry": None}
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{hub.issuer}/admin/audit/verify", headers=admin) as r,
+    ):
+        assert await r.json() == {"intact": True, "first_bad_entry": None}
     actions = {e["action"] for e in await hub.hub.audit.entries(limit=100)}
     assert {"login.password", "consent.granted", "login.authorized", "token.issued"} <= actions
 
