@@ -361,6 +361,7 @@ async def test_public_client_gets_no_secret_and_a_draft_is_not_routed(
 async def test_a_namespaced_operator_leaves_other_namespaces_alone(
     kube: KubeEmulator, registry: RunningRegistry, hub: HubDouble, start_operator: StartOperator
 ) -> None:
+    kube.namespaces.update({NS, "parks"})
     await start_operator(
         registry_url=registry.url, registry_token=registry.admin_token, hub=hub, namespace=NS
     )
