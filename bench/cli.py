@@ -27,9 +27,10 @@ from bench.configurations import (
     Environment,
 )
 from bench.nginx import start_upstream
-from bench.processes import CORE_LOAD, BenchError, Supervisor, free_port
+from bench.processes import CORE_LOAD, CORE_UNDER_TEST, BenchError, Supervisor, free_port
 from bench.profile import print_profile, record
 from bench.report import derive, print_summary, summarize_phase, targets, write_results
+from bench.routes import print_routes, run_routes
 from bench.tools import (
     REPO,
     ensure_tools,
@@ -75,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="py-spy profile of gateway-ratelimit under load (default: on, off with --quick)",
+    )
+    p.add_argument(
+        "--routes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure routing at scale: 10-10,000 routes, worker RSS (bench/routes.py)",
     )
     p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis for gateway-redis")
     p.add_argument("--results", type=Path, default=RESULTS, help="directory for the JSON files")
@@ -187,6 +194,10 @@ def run(args: argparse.Namespace) -> int:
                 )
             finally:
                 supervisor.stop(gateway)
+        routes: dict[str, Any] | None = None
+        if args.routes:
+            print("\nrouting at scale (bench/routes.py) ...", flush=True)
+            routes = run_routes(supervisor, core=CORE_UNDER_TEST)
         measurements = campaign.measurements
 
     paced_summary = summarize_phase(measurements, PACED)
@@ -211,12 +222,15 @@ def run(args: argparse.Namespace) -> int:
         "derived": derived,
         "targets": targets(derived),
         "profile": profile_summary,
+        "routes": routes,
         "runs": [m.as_dict() for m in measurements],
         "runtime_s": round(time.monotonic() - began, 1),
     }
     print_summary(result)
     if profile_summary is not None:
         print_profile(profile_summary)
+    if routes is not None:
+        print_routes(routes)
     path = write_results(result, args.results)
     print(f"\nresults: {path} (and latest.json); commit {result['commit']}")
     print(f"total runtime: {result['runtime_s']:.0f} s")

@@ -77,7 +77,8 @@ class Supervisor:
     ) -> None:
         self.stop_all()
 
-    def start(self, name: str, argv: Sequence[str], *, core: int) -> Supervised:
+    def start(self, name: str, argv: Sequence[str], *, core: int | str) -> Supervised:
+        """Start ``argv`` on ``core`` (a core number, or a taskset list such as "0,1")."""
         self._counter += 1
         stem = self.workdir / f"{self._counter:03d}-{name}"
         stdout, stderr = stem.with_suffix(".out"), stem.with_suffix(".err")

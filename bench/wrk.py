@@ -111,7 +111,7 @@ def write_scripts(workdir: Path) -> tuple[Path, Path]:
     return saturation, paced
 
 
-def run_wrk(load: Load, port: int, script: Path, *, core: int) -> WrkResult:
+def run_wrk(load: Load, port: int, script: Path, *, core: int | str) -> WrkResult:
     argv = ["taskset", "-c", str(core), *load.argv(f"http://127.0.0.1:{port}/", script)]
     try:
         done = subprocess.run(
