@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,11 +44,25 @@ def default_login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_via_client(**kwargs)
 
 
+def login_for(settings: OperatorSettings) -> Login:
+    """The watches log in where the writes go: ``--kubeconfig`` when given (kopf reads the
+    variable at login time), else kopf's default."""
+    if settings.kubeconfig is None:
+        return default_login
+    path = str(settings.kubeconfig)
+
+    def with_kubeconfig(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        os.environ["KUBECONFIG"] = path
+        return kopf.login_with_kubeconfig(**kwargs)
+
+    return with_kubeconfig
+
+
 async def run(
     settings: OperatorSettings,
     *,
     api: client.ApiClient | None = None,
-    login: Login = default_login,
+    login: Login | None = None,
     stop_flag: Any = None,
     ready_flag: Any = None,
     health_port_flag: list[int] | None = None,
@@ -70,7 +85,9 @@ async def run(
         gateway_url=settings.gateway_url,
         http_timeout=settings.http_timeout,
     )
-    registry = build_registry(AppReconciler(deps), metrics, settings.timing, login)
+    registry = build_registry(
+        AppReconciler(deps), metrics, settings.timing, login or login_for(settings)
+    )
     runner = None
     if settings.health_port is not None:
         runner, port = await start_health_server(
@@ -99,7 +116,7 @@ def run_in_thread(
     settings: OperatorSettings,
     *,
     api: client.ApiClient | None = None,
-    login: Login = default_login,
+    login: Login | None = None,
 ) -> tuple[threading.Thread, threading.Event, threading.Event]:
     """Start the operator in a thread of its own (its own event loop); answers the thread, the
     stop flag to set and the ready flag kopf sets once it watches."""
