@@ -1,3 +1,4 @@
 from bench.cli import main
+from bench.identity import after_gateway
 
-raise SystemExit(main())
+raise SystemExit(after_gateway(main()))
