@@ -192,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="reference real-name authority file (development)",
     )
     idp.add_argument("--sms-outbox", type=Path, default=_env("SMS_OUTBOX"))
+    idp.add_argument(
+        "--federation",
+        type=Path,
+        default=_env("FEDERATION"),
+        help="YAML: upstream OIDC providers as sign-in methods ({providers: [...]})",
+    )
     idp.add_argument("--demo", action="store_true", help="create the demo accounts and clients")
     add_operator_parser(sub)
     sub.add_parser("version", help="print the version")
@@ -398,17 +404,22 @@ def _run_registry(args: argparse.Namespace) -> int:
 
 
 def _run_identity(args: argparse.Namespace) -> int:
+    from cityplane.documents import DocumentError, load_yaml_mapping
     from identity.app import IdentityStartError, run
     from identity.hub import IdentitySettings
 
     trust: dict[str, Any] | None = None
-    if args.trust_config is not None:
-        from cityplane.documents import DocumentError, load_yaml_mapping
-
-        try:
+    federation: list[dict[str, Any]] = []
+    try:
+        if args.trust_config is not None:
             trust = load_yaml_mapping(args.trust_config)
-        except DocumentError as exc:
-            raise CliError(str(exc), EXIT_CONFIG) from None
+        if args.federation is not None:
+            providers = load_yaml_mapping(args.federation).get("providers")
+            if not isinstance(providers, list):
+                raise CliError(f"{args.federation}: 'providers' must be a list", EXIT_CONFIG)
+            federation = providers
+    except DocumentError as exc:
+        raise CliError(str(exc), EXIT_CONFIG) from None
     _use_uvloop()
     settings = IdentitySettings(
         host=args.host,
@@ -422,6 +433,7 @@ def _run_identity(args: argparse.Namespace) -> int:
         signing_alg=args.signing_alg,
         realname_registry=args.realname_registry,
         sms_outbox=args.sms_outbox,
+        federation=federation,
         demo=args.demo,
     )
     try:

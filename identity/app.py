@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from cityplane.problem import Problem
@@ -27,6 +28,7 @@ from identity import admin
 from identity.audit import AuditLog
 from identity.bruteforce import LocalThrottleStore, LoginThrottle, RedisThrottleStore
 from identity.demo import seed_demo
+from identity.federation import Upstream, UpstreamProvider
 from identity.hub import HUB, Hub, IdentitySettings
 from identity.keys import KeyRing
 from identity.oidc import endpoints
@@ -37,7 +39,7 @@ from identity.trust.password import PasswordHasher
 from identity.trust.realname import FileRealNameAuthority
 from identity.trust.realperson import DevFaceMatcher
 from identity.trust.sms import OutboxSender
-from identity.web import account, login, passkeys
+from identity.web import account, federated, login, passkeys
 from identity.web.session import ENV, template_environment
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,8 @@ class RunningIdentity:
                 await task
         await self._runner.cleanup()
         await self.hub.audit.stop()
+        if self.hub._http is not None:
+            await self.hub._http.close()
         self.hub.hasher.close()
         await self.hub.engine.dispose()
 
@@ -143,6 +147,7 @@ def build_app(hub: Hub) -> web.Application:
     endpoints.add_routes(app)
     login.add_routes(app)
     passkeys.add_routes(app)
+    federated.add_routes(app)
     account.add_routes(app)
     admin.add_routes(app)
     return app
@@ -205,6 +210,12 @@ async def start_identity(settings: IdentitySettings) -> RunningIdentity:
         )
     except TrustConfigError as exc:
         raise IdentityStartError(f"trust levels: {exc}") from None
+    try:
+        providers = [UpstreamProvider.model_validate(p) for p in settings.federation]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise IdentityStartError(f"federation: {where}: {first['msg']}") from None
     state_dir = settings.data_dir / "identity"
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
@@ -280,6 +291,7 @@ async def start_identity(settings: IdentitySettings) -> RunningIdentity:
             ),
         )
         hub.server.userinfo = hub.userinfo
+        hub.upstreams = {p.id: Upstream(p) for p in providers}
         audit.start()
         if settings.demo:
             await seed_demo(hub)

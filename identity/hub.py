@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -15,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cityplane.storage import sqlite_url
 from identity.audit import AuditLog
 from identity.bruteforce import LoginThrottle
+from identity.federation import Upstream
 from identity.keys import KeyRing
 from identity.oidc.server import HubAuthorizationServer
 from identity.store import Account, IdentityStore
@@ -43,6 +45,7 @@ class IdentitySettings:
     session_ttl: float = 12 * 3600.0
     key_publish_ahead: float = 600.0
     key_rotate_after: float = 30 * 86400.0
+    federation: list[dict[str, Any]] = field(default_factory=list)  # upstream providers
     sms_outbox: Path | None = None  # None: <data_dir>/identity/sms-outbox.jsonl
     realname_registry: Path | None = None  # reference authority file (development)
     secure_cookies: bool | None = None  # None: when the issuer is https
@@ -109,6 +112,14 @@ class Hub:
     metrics: HubMetrics = field(default_factory=HubMetrics)
     ready: bool = False
     demo: dict[str, Any] = field(default_factory=dict)  # what `seed_demo` made, for demo.json
+    upstreams: dict[str, Upstream] = field(default_factory=dict)
+    _http: aiohttp.ClientSession | None = None
+
+    def http(self) -> aiohttp.ClientSession:
+        """One client session for calls to other servers (upstream providers, logout URIs)."""
+        if self._http is None or self._http.closed:
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        return self._http
 
     def eidas(self, level: int) -> str:
         return self.policy.eidas(level)

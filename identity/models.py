@@ -199,3 +199,13 @@ audit_log = Table(
     Column("hash", String(64), nullable=False),
     Index("audit_subject_at", "subject", "at"),
 )
+
+# Accounts signed in through an upstream provider: one (issuer, subject) -> one local account.
+federated_identities = Table(
+    "federated_identities",
+    metadata,
+    Column("issuer", String(255), primary_key=True),
+    Column("subject", String(255), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    Column("created_at", Float, nullable=False),
+)

@@ -20,6 +20,7 @@ from identity.models import (
     authorization_codes,
     clients,
     consents,
+    federated_identities,
     memberships,
     organizations,
     passkeys,
@@ -158,6 +159,44 @@ class IdentityStore:
                 .values(totp_last_step=step)
             )
         return bool(result.rowcount)
+
+    # --- federated identities
+    async def federated_account(self, issuer: str, subject: str) -> str | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(federated_identities.c.account_id)
+                    .where(federated_identities.c.issuer == issuer)
+                    .where(federated_identities.c.subject == subject)
+                )
+            ).first()
+        return None if row is None else str(row[0])
+
+    async def link_federated(
+        self, issuer: str, subject: str, *, username: str, display_name: str
+    ) -> str:
+        """The account linked to (issuer, subject), created on first sign-in."""
+        found = await self.federated_account(issuer, subject)
+        if found is not None:
+            return found
+        account = await self.create_account(username, display_name)
+        try:
+            async with self._w.begin() as conn:
+                await conn.execute(
+                    insert(federated_identities).values(
+                        issuer=issuer,
+                        subject=subject,
+                        account_id=account.id,
+                        created_at=time.time(),
+                    )
+                )
+        except IntegrityError:  # a concurrent first sign-in won; use its account
+            async with self._w.begin() as conn:
+                await conn.execute(delete(accounts).where(accounts.c.id == account.id))
+            found = await self.federated_account(issuer, subject)
+            assert found is not None
+            return found
+        return account.id
 
     # --- organizations
     async def create_organization(self, org_id: str, name: str) -> None:

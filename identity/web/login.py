@@ -105,6 +105,7 @@ async def login_page(request: web.Request) -> web.StreamResponse:
         phone=mask_phone(account.phone) if account and account.phone else "",
         scopes=requested_scopes(flow),
         organizations=account.organizations if account else [],
+        providers=[(u.config.id, u.config.name) for u in hub.upstreams.values()],
     )
 
 

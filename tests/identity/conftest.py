@@ -7,6 +7,7 @@ import base64
 import hashlib
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +51,11 @@ def basic(client_id: str, secret: str) -> dict[str, str]:
     return {"Authorization": aiohttp.encode_basic_auth(client_id, secret)}
 
 
-def totp_now(username: str) -> str:
-    return pyotp.TOTP(TOTP_SECRETS[username]).now()
+def totp_now(username: str, ahead: int = 0) -> str:
+    """The account's current TOTP code, or the one `ahead` time steps later (the hub accepts
+    the next step too, RFC 6238 §5.2, and refuses a step it has already seen)."""
+    totp = pyotp.TOTP(TOTP_SECRETS[username])
+    return totp.at(time.time() + ahead * totp.interval)
 
 
 @dataclass
@@ -59,6 +63,7 @@ class Walk:
     """What a sign-in walk saw: the pages' steps in order, and where it ended."""
 
     steps: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)  # what the pages said (errors)
     location: str = ""
 
     @property
@@ -69,8 +74,11 @@ class Walk:
 class FormBrowser:
     """Cookies + forms, no JavaScript: enough to drive the hub's pages from tests."""
 
-    def __init__(self, issuer: str) -> None:
+    def __init__(self, issuer: str, *also_inside: str) -> None:
         self.issuer = issuer
+        self.base = issuer  # the origin of the page last fetched: relative URLs resolve to it
+        # Origins whose pages this browser answers (a federated sign-in crosses two hubs).
+        self.inside = {issuer, *also_inside}
         self.http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
 
     async def close(self) -> None:
@@ -85,24 +93,41 @@ class FormBrowser:
             return r.status, r.headers.get("Location", ""), await r.text()
 
     def _abs(self, url: str) -> str:
-        return url if url.startswith("http") else self.issuer + url
+        if url.startswith("http"):
+            parts = urlsplit(url)
+            self.base = f"{parts.scheme}://{parts.netloc}"
+            return url
+        return self.base + url
+
+    def _leaves(self, location: str) -> bool:
+        if location.startswith("/"):
+            return False
+        parts = urlsplit(location)
+        return f"{parts.scheme}://{parts.netloc}" not in self.inside
 
     async def authorize(self, answers: dict[str, Any], **params: str) -> Walk:
         """GET /authorize with `params`, then answer each page from `answers`
         (password: (username, password), otp: username, realname: (name, id), consent: org or
         "", choose: method) until the hub redirects away from itself."""
         walk = Walk()
-        status, location, page = await self.get("/authorize?" + urlencode(params))
+        status, location, page = await self.get(f"{self.issuer}/authorize?" + urlencode(params))
         for _ in range(20):
             if status not in (302, 303):
                 raise AssertionError(f"expected a redirect, got {status}: {page[:600]}")
-            if not location.startswith("/"):
+            if self._leaves(location):
                 walk.location = location
                 return walk
             status, location, page = await self.get(location)
             if status != 200:
                 if status not in (302, 303):
                     raise AssertionError(f"{status}: {page[:600]}")
+                continue
+            federated = answers.get("federated")
+            if federated and f'id="fed-{federated}"' in page and "fed" not in walk.steps:
+                walk.steps.append("fed")
+                link = re.search(rf'id="fed-{federated}" href="([^"]+)"', page)
+                assert link, page[:2000]
+                status, location = 303, link.group(1).replace("&amp;", "&")
                 continue
             step = re.search(r'name="action" value="(\w+)"', page)
             chooser = re.search(r'id="method-(\w+)"', page)
@@ -119,11 +144,15 @@ class FormBrowser:
             if name == "allow" or 'id="consent-form"' in page:
                 name = "consent"
             walk.steps.append(name)
+            message = re.search(r'id="message">([^<]*)<', page)
+            if message:
+                walk.messages.append(message.group(1))
             form = {"csrf": csrf.group(1), "flow": flow.group(1), "action": name}
             if name == "password":
                 form["username"], form["password"] = answers["password"]
             elif name == "otp":
-                form["code"] = totp_now(answers["otp"])
+                otp = answers["otp"]
+                form["code"] = totp_now(*otp) if isinstance(otp, tuple) else totp_now(otp)
             elif name == "realname":
                 form["name"], form["resident_id"] = answers["realname"]
             elif name == "consent":
@@ -133,7 +162,7 @@ class FormBrowser:
             else:
                 raise AssertionError(f"no answer for step {name}")
             status, location, page = await self.post("/login", form)
-        raise AssertionError("the sign-in never finished")
+        raise AssertionError(f"never finished: {walk.steps} {walk.messages[:3]} at {location}")
 
 
 @pytest.fixture
