@@ -9,8 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from cityplane.cli import CliError, _gateway_settings, build_parser
 from gateway.server import GatewayLimits
 from tests.conftest import service
 from tests.gateway.procs import GatewayProcess
@@ -256,3 +260,28 @@ async def test_500_slow_loris_sockets_do_not_stop_a_normal_client(upstreams, tmp
         for _, w in loris:
             w.close()
         gw.stop()
+
+
+def test_timeouts_and_the_cap_come_from_flags_or_the_environment(monkeypatch, tmp_path: Path):
+    config = tmp_path / "services.yaml"
+    config.write_text("")
+    monkeypatch.setenv("CITYPLANE_HEADER_TIMEOUT", "4.5")
+    monkeypatch.setenv("CITYPLANE_MAX_CONNECTIONS", "300")
+    args = build_parser().parse_args(
+        ["gateway", "--config", str(config), "--idle-timeout", "20", "--body-timeout", "7"]
+    )
+    limits = _gateway_settings(args).limits
+    assert (limits.header_timeout, limits.idle_timeout, limits.body_timeout) == (4.5, 20, 7)
+    assert limits.max_connections == 300
+    zero = build_parser().parse_args(["gateway", "--config", str(config), "--header-timeout", "0"])
+    with pytest.raises(CliError, match="--header-timeout must be positive"):
+        _gateway_settings(zero)
+
+
+def test_default_connection_cap_leaves_room_for_upstream_connections():
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = GatewayLimits().max_connections
+    assert 64 <= cap <= 10_000
+    assert soft == resource.RLIM_INFINITY or cap <= max(64, soft // 2)
