@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import shutil
@@ -49,6 +50,10 @@ def run_workers(settings: Any, count: int) -> int:
             _child(worker_settings)
         children[pid] = slot
 
+    # Python's gc docs: freeze right before fork() so that collections in the workers never
+    # write to the objects they share with this process (copy-on-write keeps them shared).
+    gc.collect()
+    gc.freeze()
     for slot in range(count):
         spawn(slot)
 
