@@ -144,9 +144,11 @@ async def delete_client(request: web.Request) -> web.Response:
 async def rotate_keys(request: web.Request) -> web.Response:
     hub: Hub = request.app[HUB]
     actor = await _admin(request)
-    key = await hub.keys.rotate()
-    await hub.audit.record("admin.key_rotated", actor=actor, kid=key.kid)
-    return web.json_response({"kid": key.kid, "active_from": key.active_from})
+    keys = await hub.keys.rotate()
+    await hub.audit.record("admin.key_rotated", actor=actor, kids=[k.kid for k in keys])
+    return web.json_response(
+        {"keys": [{"kid": k.kid, "alg": k.alg, "active_from": k.active_from} for k in keys]}
+    )
 
 
 async def verify_audit(request: web.Request) -> web.Response:

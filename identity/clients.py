@@ -31,6 +31,8 @@ class ClientSpec(BaseModel):
     owner: str | None = None
     post_logout_redirect_uris: list[str] = []
     backchannel_logout_uri: str | None = None
+    # OIDC Dynamic Client Registration §2 metadata: the alg of this client's ID tokens.
+    id_token_signed_response_alg: Literal["ES256", "RS256"] | None = None
 
     @field_validator("redirect_uris", "post_logout_redirect_uris")
     @classmethod

@@ -57,6 +57,7 @@ def _generate(alg: str) -> tuple[Any, dict[str, Any]]:
         jwk = RSAAlgorithm.to_jwk(private.public_key(), as_dict=True)
     else:
         raise ValueError(f"unsupported signing algorithm {alg!r} (use one of {ALGORITHMS})")
+    jwk.pop("key_ops", None)  # we set "use"; RFC 7517 §4.3 says not both
     return private, jwk
 
 
@@ -81,7 +82,9 @@ class KeyRing:
         if alg not in ALGORITHMS:
             raise ValueError(f"unsupported signing algorithm {alg!r} (use one of {ALGORITHMS})")
         self._engine = engine
-        self.alg = alg
+        self.alg = alg  # access tokens, and ID tokens of clients that do not ask for another
+        # OIDC Core §15.1: an OP must be able to sign ID tokens with RS256, whatever it prefers.
+        self.algorithms = (alg, *(a for a in ALGORITHMS if a != alg))
         self.token_lifetime = token_lifetime  # the longest lifetime of anything we sign
         self.publish_ahead = publish_ahead
         self.rotate_after = rotate_after
@@ -111,24 +114,27 @@ class KeyRing:
         self._jwks_cache = None
 
     async def ensure(self, now: float | None = None) -> None:
-        """At least one key signs now (first start: one that signs at once); rotate when the
-        signing key is older than `rotate_after`. Replicas decide under one lock, so two hubs
-        starting together on one database make one key, not two."""
+        """Each algorithm has a key that signs now (first start: one that signs at once); rotate
+        when a signing key is older than `rotate_after`. Replicas decide under one lock, so two
+        hubs starting together on one database make one key per algorithm, not two."""
         now = time.time() if now is None else now
         await self.load()
-        current = self._signing_or_none(now)
-        due = current is None or (
-            now - current.active_from >= self.rotate_after and not self._pending(now)
-        )
-        if due:
-            await self._add(
-                now,
-                active_from=now if current is None else now + self.publish_ahead,
-                retire_kid=current.kid if current else None,
-                only_if_due=True,
+        for alg in self.algorithms:
+            current = self._signing_or_none(now, alg)
+            due = current is None or (
+                now - current.active_from >= self.rotate_after and not self._pending(now, alg)
             )
+            if due:
+                await self._add(
+                    now,
+                    alg,
+                    active_from=now if current is None else now + self.publish_ahead,
+                    retire_kid=current.kid if current else None,
+                    only_if_due=True,
+                )
 
-    def _due(self, rows: Any, now: float) -> bool:
+    def _due(self, rows: Any, now: float, alg: str) -> bool:
+        rows = [r for r in rows if r["alg"] == alg]
         signing = [
             r["active_from"]
             for r in rows
@@ -138,37 +144,43 @@ class KeyRing:
             return False  # a rotation is already under way
         return not signing or now - max(signing) >= self.rotate_after
 
-    def _pending(self, now: float) -> bool:
-        return any(k.active_from > now for k in self._keys)
+    def _pending(self, now: float, alg: str) -> bool:
+        return any(k.active_from > now and k.alg == alg for k in self._keys)
 
-    async def rotate(self, now: float | None = None) -> SigningKey:
-        """Publish a new key now; it signs `publish_ahead` seconds later, when the current one
-        retires. The current key stays in the JWKS until its last token has expired."""
+    async def rotate(self, now: float | None = None) -> list[SigningKey]:
+        """Publish new keys now (one per algorithm); they sign `publish_ahead` seconds later,
+        when the current ones retire. Those stay in the JWKS until their last token expired."""
         now = time.time() if now is None else now
-        active_from = now + self.publish_ahead
-        current = self._signing_or_none(now)
-        new = await self._add(
-            now, active_from=active_from, retire_kid=current.kid if current else None
-        )
-        assert new is not None  # without only_if_due, a key is always made
-        return new
+        made = []
+        for alg in self.algorithms:
+            current = self._signing_or_none(now, alg)
+            new = await self._add(
+                now,
+                alg,
+                active_from=now + self.publish_ahead,
+                retire_kid=current.kid if current else None,
+            )
+            assert new is not None  # without only_if_due, a key is always made
+            made.append(new)
+        return made
 
     async def _add(
         self,
         now: float,
+        alg: str,
         *,
         active_from: float,
         retire_kid: str | None = None,
         only_if_due: bool = False,
     ) -> SigningKey | None:
-        private, jwk = _generate(self.alg)
-        kid = f"{time.strftime('%Y%m%d', time.gmtime(now))}-{secrets.token_hex(4)}"
-        jwk.update({"kid": kid, "alg": self.alg, "use": "sig"})
+        private, jwk = _generate(alg)
+        kid = f"{alg.lower()}-{time.strftime('%Y%m%d', time.gmtime(now))}-{secrets.token_hex(4)}"
+        jwk.update({"kid": kid, "alg": alg, "use": "sig"})
         async with writer(self._engine).begin() as conn:
             if is_postgresql(self._engine):
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _KEYS_LOCK})
             if only_if_due and not self._due(
-                (await conn.execute(select(signing_keys))).mappings().all(), now
+                (await conn.execute(select(signing_keys))).mappings().all(), now, alg
             ):
                 # Another replica made the key while we looked (we looked again, locked).
                 await conn.rollback()
@@ -183,7 +195,7 @@ class KeyRing:
             await conn.execute(
                 insert(signing_keys).values(
                     kid=kid,
-                    alg=self.alg,
+                    alg=alg,
                     private_pem=_pem(private),
                     public_jwk=jwk,
                     created_at=now,
@@ -196,18 +208,21 @@ class KeyRing:
         await self.load()
         return next((k for k in self._keys if k.kid == kid), None)
 
-    def _signing_or_none(self, now: float) -> SigningKey | None:
-        candidates = [k for k in self._keys if k.signs_at(now)]
+    def _signing_or_none(self, now: float, alg: str) -> SigningKey | None:
+        candidates = [k for k in self._keys if k.alg == alg and k.signs_at(now)]
         return candidates[-1] if candidates else None
 
-    def signing_key(self, now: float | None = None) -> SigningKey:
-        key = self._signing_or_none(time.time() if now is None else now)
+    def signing_key(self, now: float | None = None, alg: str | None = None) -> SigningKey:
+        key = self._signing_or_none(time.time() if now is None else now, alg or self.alg)
         if key is None:  # ensure() runs at start and every minute; this is a bug, not input
-            raise RuntimeError("no signing key is active")
+            raise RuntimeError(f"no {alg or self.alg} signing key is active")
         return key
 
-    def sign(self, claims: dict[str, Any], *, typ: str | None = None) -> str:
-        key = self.signing_key()
+    def sign(
+        self, claims: dict[str, Any], *, typ: str | None = None, alg: str | None = None
+    ) -> str:
+        """Sign with the current key of `alg` (default: the hub's algorithm, `self.alg`)."""
+        key = self.signing_key(alg=alg)
         headers: dict[str, Any] = {"kid": key.kid}
         if typ:
             headers["typ"] = typ
@@ -219,4 +234,11 @@ class KeyRing:
 
     def jwks(self, now: float | None = None) -> dict[str, Any]:
         now = time.time() if now is None else now
-        return {"keys": [k.public_jwk for k in self._keys if k.published_at(now)]}
+        # RFC 7517 §4.3: "use" and "key_ops" should not appear together (PyJWT adds key_ops).
+        return {
+            "keys": [
+                {n: v for n, v in k.public_jwk.items() if n != "key_ops"}
+                for k in self._keys
+                if k.published_at(now)
+            ]
+        }

@@ -45,7 +45,7 @@ async def discovery(request: web.Request) -> web.Response:
         "response_modes_supported": ["query"],
         "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
         "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": [hub.keys.alg],
+        "id_token_signing_alg_values_supported": list(hub.keys.algorithms),
         "token_endpoint_auth_methods_supported": [
             "client_secret_basic",
             "client_secret_post",

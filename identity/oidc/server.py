@@ -335,7 +335,9 @@ class HubOpenIDCode(OpenIDCode):
         half = hashlib.sha256(token["access_token"].encode()).digest()[:16]
         claims["at_hash"] = base64.urlsafe_b64encode(half).rstrip(b"=").decode()
         claims.update(self.generate_user_info(request.user, token["scope"]))
-        return server.keys.sign(claims)
+        alg = request.client.spec.id_token_signed_response_alg
+        # at_hash uses the hash of the ID token's alg; SHA-256 for both ES256 and RS256.
+        return server.keys.sign(claims, alg=alg)
 
 
 class RefreshTokenGrant(oauth2_grants.RefreshTokenGrant):

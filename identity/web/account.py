@@ -8,6 +8,7 @@ import logging
 import secrets
 import time
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import jwt
@@ -201,11 +202,11 @@ async def logout(request: web.Request) -> web.StreamResponse:
             claims["aud"] if isinstance(claims["aud"], str) else claims["aud"][0]
         )
         hinted = session is not None and claims.get("sid") == hub.sid(session.id)
-    redirect = params.get("post_logout_redirect_uri")
-    if redirect:
+    back_to = params.get("post_logout_redirect_uri")
+    if back_to:
         client = await hub.store.client(client_id or "")
         # RP-Initiated Logout §2: only registered URIs, matched exactly.
-        if client is None or redirect not in client.spec.post_logout_redirect_uris:
+        if client is None or back_to not in client.spec.post_logout_redirect_uris:
             return render(
                 request,
                 "error.html",
@@ -237,12 +238,10 @@ async def logout(request: web.Request) -> web.StreamResponse:
         await hub.audit.record(
             "logout", actor=session.account_id, subject=session.account_id, client_id=client_id
         )
-    if redirect:
+    if back_to:
         state = params.get("state")
-        location = redirect + (
-            ("&" if "?" in redirect else "?") + f"state={state}" if state else ""
-        )
-        response: web.StreamResponse = redirect(location)
+        extra = ("&" if "?" in back_to else "?") + urlencode({"state": state}) if state else ""
+        response: web.StreamResponse = redirect(back_to + extra)
     else:
         response = render(
             request,

@@ -87,16 +87,14 @@ async def relying_party(
     hub: RunningIdentity,
     client_id: str = "demo-web",
     *,
-    discover: bool = False,
+    discover: bool = True,
     logout_redirect: bool = True,
     scope: str = "openid profile email offline_access",
 ) -> StandAloneClient:
     """An idpyoidc RP statically registered as one of the demo clients.
 
-    discover=False hands idpyoidc the hub's discovery document as static provider info instead
-    of letting it fetch and check it: idpyoidc (rightly, OIDC Discovery 1.0 §3) refuses a
-    document whose id_token_signing_alg_values_supported lacks RS256, which the hub's ES256
-    default does (see the xfail below). The JWKS is still fetched and used by idpyoidc."""
+    With discover=True (the default) idpyoidc fetches and checks the discovery document itself
+    (OIDC Discovery 1.0 §3, §4.3); discover=False hands it over as static provider info."""
     public = client_id != "demo-web"
     config: dict[str, Any] = {
         "issuer": hub.issuer,
@@ -261,12 +259,6 @@ async def test_idpyoidc_end_session_with_id_token_hint_signs_out_and_refresh_sto
     assert again["steps"][0] == "password" and again["id_token"]["sub"] == result["id_token"]["sub"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hub bug: identity/web/account.py logout() names a local `redirect` (the "
-    "post_logout_redirect_uri) that shadows the imported redirect() helper, so every logout "
-    "with a post_logout_redirect_uri answers 500 TypeError after ending the session",
-)
 async def test_idpyoidc_logout_returns_to_the_post_logout_redirect_uri_with_its_state(
     hub: RunningIdentity, browser: FormBrowser
 ) -> None:
@@ -285,25 +277,11 @@ async def test_idpyoidc_logout_returns_to_the_post_logout_redirect_uri_with_its_
         await off_loop(rp.refresh_access_token, state)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="hub bug: identity/oidc/endpoints.py discovery() lists only the configured alg "
-    "(ES256) in id_token_signing_alg_values_supported; OIDC Discovery 1.0 §3 says RS256 "
-    "MUST be included (OIDC Core §15.1), and idpyoidc refuses the document",
-)
 async def test_idpyoidc_accepts_the_hubs_discovery_document(hub: RunningIdentity) -> None:
     rp = await relying_party(hub, discover=True)
     assert rp.get_context().provider_info["end_session_endpoint"] == f"{hub.issuer}/logout"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=MissingSigningKey,
-    reason="hub bug: identity/keys.py _generate() keeps PyJWT's key_ops=['verify'] on RSA JWKs "
-    "and _add() adds use='sig'; RFC 7517 §4.3 says not to use both, and idpyoidc's key store "
-    "(cryptojwt) drops the key, so it cannot verify any RS256 ID token",
-)
 async def test_idpyoidc_discovers_an_rs256_hub_and_verifies_its_id_tokens(
     rs256_hub: RunningIdentity,
 ) -> None:

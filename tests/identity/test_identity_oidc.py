@@ -37,7 +37,7 @@ async def test_discovery_names_every_endpoint_and_the_trust_levels(hub: RunningI
     assert doc["code_challenge_methods_supported"] == ["S256"]
     assert doc["response_types_supported"] == ["code"]  # no implicit flow
     assert doc["acr_values_supported"] == [f"urn:cityplane:loa:{n}" for n in range(1, 5)]
-    assert doc["id_token_signing_alg_values_supported"] == ["ES256"]
+    assert doc["id_token_signing_alg_values_supported"] == ["ES256", "RS256"]
     assert set(doc["cityplane_acr_eidas"]) == set(doc["acr_values_supported"])
 
 
