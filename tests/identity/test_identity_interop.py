@@ -20,7 +20,6 @@ from cryptojwt.exception import BadSignature
 from idpyoidc.client.client_auth import ClientAuthnMethod
 from idpyoidc.client.exception import OidcServiceError
 from idpyoidc.client.oauth2.stand_alone_client import StandAloneClient
-from idpyoidc.exception import MissingSigningKey
 from idpyoidc.message import Message
 from idpyoidc.message.oidc import AtHashError
 
