@@ -263,7 +263,8 @@ class _RefusedConnection(asyncio.Protocol):
     """A connection over ``max_connections``: told 503 and closed before anything is read.
 
     Refused rather than queued: a queued connection still holds a descriptor, which is what
-    the cap protects. Under SO_REUSEPORT the kernel picked this worker, so the client retries.
+    the cap protects. With ``--workers N`` a client that retries may land on another worker
+    (SO_REUSEPORT spreads connections over them).
     """
 
     def __init__(self, answer: bytes) -> None:
