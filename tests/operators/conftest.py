@@ -106,11 +106,14 @@ async def start_operator(kube: KubeEmulator) -> AsyncIterator[StartOperator]:
         hub: HubDouble | None = None,
         registry_token: str | None = None,
         hub_url: str | None = None,
+        hub_token: str | None = None,
         **overrides: Any,
     ) -> OperatorSettings:
         settings = OperatorSettings(
             registry=Endpoint(registry_url, registry_token),
-            identity=Endpoint(hub_url or (hub.url if hub else ""), hub.token if hub else None),
+            identity=Endpoint(
+                hub_url or (hub.url if hub else ""), hub_token or (hub.token if hub else None)
+            ),
             health_port=overrides.pop("health_port", None),
             timing=overrides.pop("timing", FAST),
             http_timeout=2.0,
