@@ -73,12 +73,6 @@ def _declared(path: Path) -> bool:
     return False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pyproject.toml declares only registry/migrations/script.py.mako as package data; "
-    "identity's templates, static files, migration template and word list and "
-    "operators/crds/*.yaml would be missing from the image (the lead owns pyproject.toml)",
-)
 def test_every_data_file_the_packages_read_is_declared_package_data() -> None:
     missing = [p.relative_to(ROOT).as_posix() for p in _data_files() if not _declared(p)]
     assert missing == []
