@@ -11,19 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cityplane.storage import safe_url
+from cityplane.tokenfile import AdminTokenError, load_or_create_admin_token
 from registry import middleware
 from registry.api import add_api_routes
-from registry.auth import (
-    AdminTokenError,
-    AdminTokenVerifier,
-    Authenticator,
-    TokenVerifier,
-    load_or_create_admin_token,
-)
+from registry.auth import AdminTokenVerifier, Authenticator, TokenVerifier
 from registry.bodies import MAX_BODY
 from registry.engine import is_postgresql, make_engine, migrate, sqlite_url
 from registry.fanout import PostgresFanout
@@ -148,21 +143,14 @@ async def _open_database(url: str) -> AsyncEngine:
     try:
         engine = make_engine(url)
     except (ArgumentError, ImportError) as exc:
-        raise RegistryStartError(f"database URL {_safe(url)}: {exc}") from None
+        raise RegistryStartError(f"database URL {safe_url(url)}: {exc}") from None
     try:
         await migrate(engine)
     except (OSError, SQLAlchemyError) as exc:
         await engine.dispose()
         reason = str(exc).splitlines()[0]
-        raise RegistryStartError(f"cannot prepare the database {_safe(url)}: {reason}") from None
+        raise RegistryStartError(f"cannot prepare the database {safe_url(url)}: {reason}") from None
     return engine
-
-
-def _safe(url: str) -> str:
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "(unparseable URL)"
 
 
 async def start_registry(settings: RegistrySettings) -> RunningRegistry:

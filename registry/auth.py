@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
-import secrets
-import stat
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -90,49 +86,6 @@ class AdminTokenVerifier:
     async def verify(self, token: str) -> Principal | None:
         # Constant time: how much of a guess matched must not show in the answer's timing.
         return ADMIN if hmac.compare_digest(token.encode(), self._token) else None
-
-
-class AdminTokenError(Exception):
-    """The admin token file cannot be read or created; the message says why."""
-
-
-def load_or_create_admin_token(path: Path) -> str:
-    """Read the bootstrap admin token, or generate it (32 random bytes) into a new 0600 file."""
-    try:
-        return _read_token(path)
-    except FileNotFoundError:
-        pass
-    token = secrets.token_urlsafe(32)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # O_EXCL: never overwrite a token another process just wrote; 0o600 from the first
-        # byte (the umask can only take bits away), not chmod after the fact.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return _read_token(path)
-    except OSError as exc:
-        raise AdminTokenError(
-            f"cannot create the admin token file {path}: {exc.strerror}"
-        ) from None
-    with os.fdopen(fd, "w", encoding="ascii") as file:
-        file.write(token + "\n")
-    log.info("generated the bootstrap admin token in %s", path)
-    return token
-
-
-def _read_token(path: Path) -> str:
-    try:
-        mode = path.stat().st_mode
-        token = path.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        raise
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AdminTokenError(f"cannot read the admin token file {path}: {exc}") from None
-    if not token:
-        raise AdminTokenError(f"the admin token file {path} is empty")
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("the admin token file %s is open to other users; chmod 600 it", path)
-    return token
 
 
 REALM = 'Bearer realm="cityplane-registry"'

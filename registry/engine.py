@@ -1,91 +1,19 @@
-"""The database engine: SQLite (default, one process) or PostgreSQL (replicas), and migrations.
-
-SQLite through pysqlite does not emit `BEGIN` before a `SELECT`, so two reads of one "transaction"
-could see different commits, and two writers that both read first deadlock on the upgrade to a
-write lock (SQLITE_BUSY at once, no waiting). We therefore take transaction control back
-(SQLAlchemy's documented recipe): reads start with `BEGIN`, writes with `BEGIN IMMEDIATE`, which
-takes the write lock up front and queues behind `busy_timeout`. WAL lets readers (watch streams)
-run while a write is in progress.
-"""
+"""The registry's database engine: the shared storage kernel (cityplane/storage.py) with the
+registry's migrations and migration lock."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from pathlib import Path
-from typing import Any
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import event, text
-from sqlalchemy.engine import Connection
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from cityplane import storage
+from cityplane.storage import WRITE, is_postgresql, make_engine, ping, sqlite_url, writer
 
-log = logging.getLogger(__name__)
+__all__ = ["WRITE", "is_postgresql", "make_engine", "migrate", "ping", "sqlite_url", "writer"]
 
-WRITE = "cityplane_write"
 # Arbitrary, fixed: replicas starting together on one PostgreSQL migrate one at a time.
 _MIGRATION_LOCK = 0x43495459  # "CITY"
 
 
-def sqlite_url(path: Path) -> str:
-    return f"sqlite+aiosqlite:///{path.resolve()}"
-
-
-def is_postgresql(engine: AsyncEngine) -> bool:
-    return engine.dialect.name == "postgresql"
-
-
-def make_engine(url: str, **kwargs: Any) -> AsyncEngine:
-    """An engine for reads; `writer(engine)` gives the one for writes (same pool)."""
-    engine = create_async_engine(url, **kwargs)
-    if engine.dialect.name == "sqlite":
-        _take_sqlite_transaction_control(engine)
-    return engine
-
-
-def writer(engine: AsyncEngine) -> AsyncEngine:
-    return engine.execution_options(**{WRITE: True})
-
-
-def _take_sqlite_transaction_control(engine: AsyncEngine) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
-    def _connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves, below
-        cursor = dbapi_connection.cursor()
-        for pragma in ("journal_mode=WAL", "busy_timeout=10000", "foreign_keys=ON"):
-            cursor.execute(f"PRAGMA {pragma}")
-        cursor.close()
-
-    @event.listens_for(engine.sync_engine, "begin")
-    def _begin(conn: Connection) -> None:
-        immediate = conn.get_execution_options().get(WRITE, False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-
-def _upgrade(connection: Connection) -> None:
-    config = Config()
-    config.set_main_option("script_location", "registry:migrations")
-    config.attributes["connection"] = connection
-    command.upgrade(config, "head")
-
-
 async def migrate(engine: AsyncEngine) -> None:
-    """Bring the schema to the newest migration, in one transaction (both backends: DDL is
-    transactional in SQLite and PostgreSQL)."""
-    async with writer(engine).begin() as conn:
-        if is_postgresql(engine):
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK})
-        await conn.run_sync(_upgrade)
-
-
-async def ping(engine: AsyncEngine, within: float = 2.0) -> bool:
-    """Does the database answer? (for `/readyz`; a failure is logged, never raised)"""
-    try:
-        async with asyncio.timeout(within), engine.connect() as conn:
-            await conn.execute(text("SELECT 1"))
-    except (OSError, TimeoutError, SQLAlchemyError) as exc:
-        log.warning("database ping failed: %s", exc)
-        return False
-    return True
+    """Bring the registry's schema to the newest migration, in one transaction."""
+    await storage.migrate(engine, "registry:migrations", _MIGRATION_LOCK)
