@@ -6,7 +6,6 @@ from __future__ import annotations
 import hmac
 import json
 import re
-from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -166,18 +165,3 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/clients/{client_id}/secret", rotate_secret)
     app.router.add_post("/admin/keys/rotate", rotate_keys)
     app.router.add_get("/admin/audit/verify", verify_audit)
-
-
-def problem_middleware() -> Any:
-    @web.middleware
-    async def problems(request: web.Request, handler: Any) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except Problem as problem:
-            return web.Response(
-                body=problem.body(request.path),
-                status=problem.status,
-                headers={**problem.headers, "Content-Type": "application/problem+json"},
-            )
-
-    return problems

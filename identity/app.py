@@ -8,7 +8,6 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
 import socket
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from cityplane.problem import Problem
+from cityplane.signals import until_stopped
 from cityplane.storage import make_engine, migrate, ping, safe_url
 from cityplane.tokenfile import AdminTokenError, load_or_create_admin_token
 from identity import admin
@@ -325,15 +325,9 @@ async def serve(settings: IdentitySettings) -> None:
         running.issuer,
         settings.resolved_admin_token_file(),
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_stopped()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         await running.stop()
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from aiohttp import web
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cityplane.signals import until_stopped
 from cityplane.storage import safe_url
 from cityplane.tokenfile import AdminTokenError, load_or_create_admin_token
 from registry import middleware
@@ -237,15 +237,9 @@ async def serve(settings: RegistrySettings) -> None:
         running.state.notifier.revision,
         running.admin_token_file,
     )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await until_stopped()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         await running.stop()
 
 

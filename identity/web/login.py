@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -146,7 +147,7 @@ async def login_action(request: web.Request) -> web.StreamResponse:
     account = await _account(hub, session)
     if action not in ("password", "deny") and account is None:
         return error_page(request, _t(request, "expired_flow"))
-    outcome = await handler(request, hub, session, flow, account, form, data)
+    outcome = await handler(Attempt(request, hub, session, flow, account, form, data))
     if isinstance(outcome, web.StreamResponse):
         return outcome
     session, message = outcome
@@ -161,157 +162,136 @@ async def login_action(request: web.Request) -> web.StreamResponse:
 
 
 Outcome = tuple[Session, str | None] | web.StreamResponse
-Form = dict[str, str]
 
 
-async def _password(
-    request: web.Request,
-    hub: Hub,
-    session: Session,
-    flow: dict[str, Any],
-    account: Any,
-    form: Form,
-    data: Any,
-) -> Outcome:
-    username = form.get("username", "").strip()[:64]
-    password = form.get("password", "")[:1024]
-    ip = request.remote or "?"
-    decision = await hub.throttle.check(username or None, ip)
+@dataclass(slots=True)
+class Attempt:
+    """One verification the person submitted: what the action handlers work with."""
+
+    request: web.Request
+    hub: Hub
+    session: Session
+    flow: dict[str, Any]
+    account: Any  # Account, or None before the password step
+    form: dict[str, str]
+    data: Any  # the raw multipart/form data (the face photo)
+
+
+async def _password(a: Attempt) -> Outcome:
+    username = a.form.get("username", "").strip()[:64]
+    password = a.form.get("password", "")[:1024]
+    ip = a.request.remote or "?"
+    decision = await a.hub.throttle.check(username or None, ip)
     if not decision.allowed:
-        hub.metrics.logins.labels("pwd", "throttled").inc()
-        return session, _t(request, "throttled", seconds=int(decision.retry_after) + 1)
-    found = await hub.store.account_by_username(username) if username else None
+        a.hub.metrics.logins.labels("pwd", "throttled").inc()
+        return a.session, _t(a.request, "throttled", seconds=int(decision.retry_after) + 1)
+    found = await a.hub.store.account_by_username(username) if username else None
     if found is None or not found.password_hash:
-        await hub.hasher.verify_missing_user(password)  # same time as a wrong password
+        await a.hub.hasher.verify_missing_user(password)  # same time as a wrong password
         ok = False
     else:
-        ok = await hub.hasher.verify(found.password_hash, password)
+        ok = await a.hub.hasher.verify(found.password_hash, password)
     if not ok or found is None:
-        await hub.throttle.failed(username or None, ip)
-        await hub.audit.record("login.failed", actor=username, ip=ip, method="pwd")
-        hub.metrics.logins.labels("pwd", "failed").inc()
-        return session, _t(request, "bad_login")
-    await hub.throttle.succeeded(username, ip)
-    if found.password_hash and hub.hasher.needs_rehash(found.password_hash):
-        await hub.store.update_account(found.id, password_hash=await hub.hasher.hash(password))
-    session = await sign_in(request, session, found.id)
-    add_verification(session, "pwd", time.time())
-    flow["login_done"] = True
-    await hub.audit.record("login.password", actor=found.id, subject=found.id, ip=ip)
-    hub.metrics.logins.labels("pwd", "ok").inc()
-    return session, None
+        await a.hub.throttle.failed(username or None, ip)
+        await a.hub.audit.record("login.failed", actor=username, ip=ip, method="pwd")
+        a.hub.metrics.logins.labels("pwd", "failed").inc()
+        return a.session, _t(a.request, "bad_login")
+    await a.hub.throttle.succeeded(username, ip)
+    if found.password_hash and a.hub.hasher.needs_rehash(found.password_hash):
+        await a.hub.store.update_account(found.id, password_hash=await a.hub.hasher.hash(password))
+    a.session = await sign_in(a.request, a.session, found.id)
+    add_verification(a.session, "pwd", time.time())
+    a.flow["login_done"] = True
+    await a.hub.audit.record("login.password", actor=found.id, subject=found.id, ip=ip)
+    a.hub.metrics.logins.labels("pwd", "ok").inc()
+    return a.session, None
 
 
-async def _otp(
-    request: web.Request,
-    hub: Hub,
-    session: Session,
-    flow: dict[str, Any],
-    account: Any,
-    form: Form,
-    data: Any,
-) -> Outcome:
+async def _otp(a: Attempt) -> Outcome:
     now = time.time()
     step = verify_totp(
-        account.totp_secret or "", form.get("code", ""), now=now, last_step=account.totp_last_step
+        a.account.totp_secret or "",
+        a.form.get("code", ""),
+        now=now,
+        last_step=a.account.totp_last_step,
     )
-    if step is None or not await hub.store.claim_totp_step(account.id, step):
-        hub.metrics.logins.labels("otp", "failed").inc()
-        await hub.audit.record("stepup.failed", actor=account.id, subject=account.id, method="otp")
-        return session, _t(request, "bad_code")
-    return await _stepped_up(hub, session, account, "otp", request)
+    if step is None or not await a.hub.store.claim_totp_step(a.account.id, step):
+        a.hub.metrics.logins.labels("otp", "failed").inc()
+        await a.hub.audit.record(
+            "stepup.failed", actor=a.account.id, subject=a.account.id, method="otp"
+        )
+        return a.session, _t(a.request, "bad_code")
+    return await _stepped_up(a.hub, a.session, a.account, "otp", a.request)
 
 
-async def _sms(
-    request: web.Request,
-    hub: Hub,
-    session: Session,
-    flow: dict[str, Any],
-    account: Any,
-    form: Form,
-    data: Any,
-) -> Outcome:
-    if form.get("resend"):
-        await _send_sms(hub, session, account)
-        return session, None
-    raw = session.state.get("sms")
+async def _sms(a: Attempt) -> Outcome:
+    if a.form.get("resend"):
+        await _send_sms(a.hub, a.session, a.account)
+        return a.session, None
+    raw = a.session.state.get("sms")
     challenge = SmsChallenge.from_dict(raw) if raw else None
-    if challenge is None or not challenge.verify(form.get("code", ""), now=time.time()):
+    if challenge is None or not challenge.verify(a.form.get("code", ""), now=time.time()):
         if challenge is not None:
-            session.state["sms"] = challenge.to_dict()
-        hub.metrics.logins.labels("sms", "failed").inc()
-        return session, _t(request, "bad_code")
-    session.state.pop("sms", None)
-    return await _stepped_up(hub, session, account, "sms", request)
+            a.session.state["sms"] = challenge.to_dict()
+        a.hub.metrics.logins.labels("sms", "failed").inc()
+        return a.session, _t(a.request, "bad_code")
+    a.session.state.pop("sms", None)
+    return await _stepped_up(a.hub, a.session, a.account, "sms", a.request)
 
 
-async def _realname(
-    request: web.Request,
-    hub: Hub,
-    session: Session,
-    flow: dict[str, Any],
-    account: Any,
-    form: Form,
-    data: Any,
-) -> Outcome:
-    name = form.get("name", "").strip()
+async def _realname(a: Attempt) -> Outcome:
+    name = a.form.get("name", "").strip()
     try:
-        resident = parse_resident_id(form.get("resident_id", ""))
+        resident = parse_resident_id(a.form.get("resident_id", ""))
     except InvalidResidentId as exc:
-        return session, str(exc)
+        return a.session, str(exc)
     try:
-        result = await hub.realname.verify(name, resident)
+        result = await a.hub.realname.verify(name, resident)
     except AuthorityUnavailable:
-        return session, "The real-name authority cannot be reached; try again later."
+        return a.session, "The real-name authority cannot be reached; try again later."
     if not result.matched:
-        await hub.audit.record("realname.failed", actor=account.id, subject=account.id)
-        return session, result.reason or "The name and ID number do not match."
+        await a.hub.audit.record("realname.failed", actor=a.account.id, subject=a.account.id)
+        return a.session, result.reason or "The name and ID number do not match."
     try:
-        await hub.store.update_account(
-            account.id,
+        await a.hub.store.update_account(
+            a.account.id,
             real_name=name,
             resident_id_masked=resident.masked(),
-            resident_fingerprint=resident.fingerprint(hub.pepper),
+            resident_fingerprint=resident.fingerprint(a.hub.pepper),
             real_name_verified_at=time.time(),
         )
     except DuplicateError as exc:
-        return session, str(exc)
-    await hub.audit.record(
-        "realname.verified", actor=account.id, subject=account.id, authority=result.authority
+        return a.session, str(exc)
+    await a.hub.audit.record(
+        "realname.verified", actor=a.account.id, subject=a.account.id, authority=result.authority
     )
-    return session, None
+    return a.session, None
 
 
-async def _face(
-    request: web.Request,
-    hub: Hub,
-    session: Session,
-    flow: dict[str, Any],
-    account: Any,
-    form: Form,
-    data: Any,
-) -> Outcome:
-    photo = data.get("photo")
+async def _face(a: Attempt) -> Outcome:
+    photo = a.data.get("photo")
     image = photo.file.read(MAX_PHOTO + 1) if hasattr(photo, "file") else b""
     if not image or len(image) > MAX_PHOTO:
-        return session, "Choose a photo (JPEG or PNG, at most 5 MB)."
+        return a.session, "Choose a photo (JPEG or PNG, at most 5 MB)."
     nonce = secrets.token_urlsafe(16)
-    token = await hub.face.match(
-        subject=account.id,
-        resident_id_fingerprint=account.resident_fingerprint or "",
+    token = await a.hub.face.match(
+        subject=a.account.id,
+        resident_id_fingerprint=a.account.resident_fingerprint or "",
         image=image,
         nonce=nonce,
     )
     try:
         result = verify_face_result(
-            token, keys=hub.face_keys, subject=account.id, nonce=nonce, now=time.time()
+            token, keys=a.hub.face_keys, subject=a.account.id, nonce=nonce, now=time.time()
         )
     except FaceResultInvalid as exc:
-        return session, f"The face match could not be trusted: {exc}"
+        return a.session, f"The face match could not be trusted: {exc}"
     if not result.matched:
-        await hub.audit.record("stepup.failed", actor=account.id, subject=account.id, method="face")
-        return session, "The face did not match."
-    return await _stepped_up(hub, session, account, "face", request)
+        await a.hub.audit.record(
+            "stepup.failed", actor=a.account.id, subject=a.account.id, method="face"
+        )
+        return a.session, "The face did not match."
+    return await _stepped_up(a.hub, a.session, a.account, "face", a.request)
 
 
 async def _stepped_up(
@@ -325,49 +305,36 @@ async def _stepped_up(
     return session, None
 
 
-async def _allow(
-    request: web.Request,
-    hub: Hub,
-    session: Session,
-    flow: dict[str, Any],
-    account: Any,
-    form: Form,
-    data: Any,
-) -> Outcome:
-    org = form.get("org") or None
-    if org and not any(m.org_id == org for m in account.organizations):
-        return session, "You are not a member of that organization."
-    scopes = set(requested_scopes(flow))
-    await hub.store.grant_consent(account.id, flow["client_id"], scopes)
-    flow["consented"] = True
-    flow["org"] = org
-    await hub.audit.record(
+async def _allow(a: Attempt) -> Outcome:
+    org = a.form.get("org") or None
+    if org and not any(m.org_id == org for m in a.account.organizations):
+        return a.session, "You are not a member of that organization."
+    scopes = set(requested_scopes(a.flow))
+    await a.hub.store.grant_consent(a.account.id, a.flow["client_id"], scopes)
+    a.flow["consented"] = True
+    a.flow["org"] = org
+    await a.hub.audit.record(
         "consent.granted",
-        actor=account.id,
-        subject=account.id,
-        client_id=flow["client_id"],
+        actor=a.account.id,
+        subject=a.account.id,
+        client_id=a.flow["client_id"],
         scopes=sorted(scopes),
         org=org,
     )
-    return session, None
+    return a.session, None
 
 
-async def _deny(
-    request: web.Request,
-    hub: Hub,
-    session: Session,
-    flow: dict[str, Any],
-    account: Any,
-    form: Form,
-    data: Any,
-) -> Outcome:
-    save_flow(session, form.get("flow", ""), None)
-    await hub.store.save_session(session)
-    if account is not None:
-        await hub.audit.record(
-            "consent.denied", actor=account.id, subject=account.id, client_id=flow["client_id"]
+async def _deny(a: Attempt) -> Outcome:
+    save_flow(a.session, a.form.get("flow", ""), None)
+    await a.hub.store.save_session(a.session)
+    if a.account is not None:
+        await a.hub.audit.record(
+            "consent.denied",
+            actor=a.account.id,
+            subject=a.account.id,
+            client_id=a.flow["client_id"],
         )
-    return error_redirect(dict(flow["params"]), "access_denied", "the user did not allow access")
+    return error_redirect(dict(a.flow["params"]), "access_denied", "the user did not allow access")
 
 
 ACTIONS: dict[str, Any] = {
