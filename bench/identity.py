@@ -545,6 +545,8 @@ def run(args: argparse.Namespace) -> int:
         "benchmark": "identity",
         "date": when.isoformat(),
         **git_state(),
+        # The hub is the code under test here: uncommitted changes to it qualify the commit.
+        "identity_dirty_files": _dirty("identity"),
         "machine": machine(),
         "load_average_at_start": load_at_start,
         "plan": asdict(plan),
@@ -563,6 +565,18 @@ def run(args: argparse.Namespace) -> int:
         print("bench: some grants or logins failed (see '!!'); those numbers do not hold")
         return 1
     return 0
+
+
+def _dirty(*paths: str) -> list[str]:
+    done = subprocess.run(
+        ["git", "status", "--porcelain", "--", *paths],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
+    )
+    # Porcelain lines are "XY path": the leading status column may be a space.
+    return [line[3:] for line in done.stdout.splitlines() if len(line) > 3]
 
 
 def build_parser() -> argparse.ArgumentParser:
