@@ -126,7 +126,7 @@ def load_yaml_mapping(path: Path) -> dict[str, Any]:
         reason = getattr(exc, "strerror", None) or exc
         raise DocumentError(f"{path}: cannot read: {reason}") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f"{path}:{mark.line + 1}" if mark else str(path)

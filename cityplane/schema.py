@@ -224,7 +224,9 @@ class Match(Strict):
 class Auth(Strict):
     required: bool = True
     scopes: list[str] = []
-    minTrustLevel: int = Field(default=1, ge=1, le=4)
+    # 0: any valid token, a machine's too (client-credentials tokens carry no acr); 1-4: a
+    # person who verified that much (ARCHITECTURE.md, "Trust levels").
+    minTrustLevel: int = Field(default=1, ge=0, le=4)
     maxAge: Duration | None = None
 
 

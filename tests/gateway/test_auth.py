@@ -849,3 +849,33 @@ async def test_scope_that_is_not_an_oauth_scope_token_is_a_config_error(
         await gateway_factory(
             [service("svc", [up.url], [bus_route({"scopes": ['bus"read']})])], issuer=hub.url
         )
+
+
+# --- machine tokens (client credentials: no acr) --------------------------------------------
+
+
+def _machine_token(hub: Issuer) -> str:
+    claims = hub.claims(sub="bus-app")
+    for name in ("acr", "amr", "auth_time"):
+        claims.pop(name, None)
+    key = hub.keys["k1"]
+    return jwt.encode(claims, key, algorithm="ES256", headers={"kid": "k1", "typ": "at+jwt"})
+
+
+async def test_machine_token_passes_a_route_open_to_machines(
+    hub: Issuer, protected: Any, http: ClientSession
+) -> None:
+    gw, _ = await protected({"scopes": ["bus:read"], "minTrustLevel": 0})
+    async with http.get(gw.url + "/bus/stops/1", headers=bearer(_machine_token(hub))) as resp:
+        assert resp.status == 200
+        seen = await resp.json()
+    assert identity_headers(seen)["X-CityPlane-Level"] == "0"
+
+
+async def test_machine_token_on_a_route_for_people_gets_the_step_up_challenge(
+    hub: Issuer, protected: Any, http: ClientSession
+) -> None:
+    gw, _ = await protected({"scopes": ["bus:read"], "minTrustLevel": 1})
+    async with http.get(gw.url + "/bus/stops/1", headers=bearer(_machine_token(hub))) as resp:
+        assert resp.status == 401
+        assert 'acr_values="urn:cityplane:loa:1"' in resp.headers["WWW-Authenticate"]
