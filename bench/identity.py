@@ -633,11 +633,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def after_gateway(status: int, argv: Sequence[str] | None = None) -> int:
     """`python -m bench`: the identity table follows the gateway's, unless the gateway run was
-    interrupted or narrowed with --only (then only what was asked for runs)."""
+    interrupted or narrowed with --only (then only what was asked for runs). --quick and
+    --results carry over; the other options are the gateway's."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if status == 130 or any(a == "--only" or a.startswith("--only=") for a in argv):
         return status
-    own = ["--quick"] if "--quick" in argv else []
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--quick", action="store_true")
+    shared.add_argument("--results", type=Path, default=RESULTS)
+    known, _ = shared.parse_known_args(argv)
+    own = ["--results", str(known.results), *(["--quick"] if known.quick else [])]
     return max(status, main(own))
 
 
