@@ -21,6 +21,7 @@ from identity.oidc.server import GrantContext, HubRequest
 from identity.store import Account, Session
 from identity.trust.levels import AccountFacts, TrustLevelUnreachable
 from identity.web.session import (
+    device_of,
     ensure_session,
     load_session,
     new_flow,
@@ -144,7 +145,7 @@ async def authorize(request: web.Request) -> web.StreamResponse:
     fid = new_flow(session, flow)
     if "none" in prompts:
         # OIDC Core §3.1.2.1: no pages; answer at once with a code or the reason why not.
-        decision = await next_step(hub, session, flow, account)
+        decision = await next_step(hub, session, flow, account, device_of(request))
         if decision[0] == "done":
             assert account is not None
             return await finish(request, session, fid, account)
@@ -177,14 +178,18 @@ def available_methods(account: Account, passkey_count: int) -> set[str]:
 
 
 async def next_step(
-    hub: Hub, session: Session, flow: dict[str, Any], account: Account | None
+    hub: Hub,
+    session: Session,
+    flow: dict[str, Any],
+    account: Account | None,
+    device: str | None = None,
 ) -> tuple[str, Any]:
     """What the person must do next in this flow: ("password"|"choose"|<method>|"consent"|
     "done", detail). Raises FlowError when the target level is out of reach."""
     now = time.time()
     if account is None or (flow.get("prompt_login") and not flow.get("login_done")):
         return "password", None
-    verified = verifications(session)
+    verified = verifications(session, device)
     passkeys = await hub.store.passkeys_of(account.id)
     max_age = _effective_max_age(flow, now)
     try:
@@ -238,11 +243,11 @@ async def _needs_consent(hub: Hub, flow: dict[str, Any], account: Account) -> bo
 
 
 def auth_context(
-    hub: Hub, session: Session, account: Account, flow: dict[str, Any]
+    hub: Hub, session: Session, account: Account, flow: dict[str, Any], device: str | None = None
 ) -> dict[str, Any]:
     """acr, amr, auth_time, sid and org of the tokens this flow ends with."""
     now = time.time()
-    verified = verifications(session)
+    verified = verifications(session, device)
     level = hub.policy.level(verified, facts_of(account), now)
     max_age = _effective_max_age(flow, now)
     counted = [v for v in verified if max_age is None or v.at >= now - max_age]
@@ -273,7 +278,7 @@ async def finish(
         client=await hub.store.client(flow["client_id"]),
         account=account,
         session_id=session.id,
-        auth=auth_context(hub, session, account, flow),
+        auth=auth_context(hub, session, account, flow, device_of(request)),
     )
     req = HubRequest("GET", f"{hub.issuer}/authorize", request.headers, pairs)
     save_flow(session, fid, None)

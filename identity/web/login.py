@@ -36,6 +36,7 @@ from identity.web.i18n import Translator, language
 from identity.web.session import (
     add_verification,
     csrf_ok,
+    device_of,
     flow_of,
     load_session,
     redirect,
@@ -65,7 +66,7 @@ async def login_page(request: web.Request) -> web.StreamResponse:
         save_flow(session, fid, flow)
     account = await _account(hub, session)
     try:
-        step, options = await next_step(hub, session, flow, account)
+        step, options = await next_step(hub, session, flow, account, device_of(request))
     except FlowError as error:
         save_flow(session, fid, None)
         await hub.store.save_session(session)
@@ -88,7 +89,9 @@ async def login_page(request: web.Request) -> web.StreamResponse:
     await hub.store.save_session(session)
     client = await hub.store.client(flow["client_id"]) if flow.get("client_id") else None
     level_now = (
-        hub.policy.level(verifications(session), facts_of(account), time.time()) if account else 0
+        hub.policy.level(verifications(session, device_of(request)), facts_of(account), time.time())
+        if account
+        else 0
     )
     return render(
         request,
@@ -269,6 +272,8 @@ async def _realname(a: Attempt) -> Outcome:
 
 
 async def _face(a: Attempt) -> Outcome:
+    if device_of(a.request) is None:
+        return a.session, "Face verification is bound to this device: allow cookies and reload."
     photo = a.data.get("photo")
     image = photo.file.read(MAX_PHOTO + 1) if hasattr(photo, "file") else b""
     if not image or len(image) > MAX_PHOTO:
@@ -297,7 +302,7 @@ async def _face(a: Attempt) -> Outcome:
 async def _stepped_up(
     hub: Hub, session: Session, account: Account, method: str, request: web.Request
 ) -> Outcome:
-    add_verification(session, method, time.time())
+    add_verification(session, method, time.time(), device=device_of(request))
     hub.metrics.logins.labels(method, "ok").inc()
     await hub.audit.record(
         "login.stepup", actor=account.id, subject=account.id, method=method, ip=request.remote

@@ -7,6 +7,7 @@ whenever the signed-in account does (session fixation, OWASP ASVS 3.2.1).
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 import time
@@ -86,6 +87,16 @@ async def sign_in(request: web.Request, session: Session, account_id: str) -> Se
 
 def set_cookie(request: web.Request, response: web.StreamResponse, session: Session) -> None:
     hub: Hub = request.app[HUB]
+    if DEVICE_COOKIE not in request.cookies:
+        response.set_cookie(
+            DEVICE_COOKIE,
+            secrets.token_urlsafe(24),
+            max_age=5 * 365 * 86400,
+            path="/",
+            httponly=True,
+            secure=hub.secure_cookies,
+            samesite="Lax",
+        )
     response.set_cookie(
         cookie_name(hub),
         session.id,
@@ -109,16 +120,35 @@ def csrf_ok(session: Session, given: str | None) -> bool:
     return bool(expected and given and hmac.compare_digest(str(expected), given))
 
 
-def verifications(session: Session) -> list[Verification]:
+DEVICE_COOKIE = "cityplane_device"
+BOUND_METHODS = frozenset({"face", "cert"})  # what level 4 rests on: bound to the device
+
+
+def device_of(request: web.Request) -> str | None:
+    """This browser's device binding: the long-lived device cookie together with the user
+    agent. A level-4 verification made on one device does not count on another (a copied
+    session cookie, a new browser): the person verifies again there."""
+    cookie = request.cookies.get(DEVICE_COOKIE)
+    if not cookie or len(cookie) > 64:
+        return None
+    agent = request.headers.get("User-Agent", "")
+    return hashlib.sha256(f"{cookie}|{agent}".encode()).hexdigest()[:32]
+
+
+def verifications(session: Session, device: str | None = None) -> list[Verification]:
+    """What this session verified; device-bound ones only on the device that made them."""
     return [
         Verification(v["method"], float(v["at"]), v.get("level"))
         for v in session.state.get("verifications", [])
+        if v["method"] not in BOUND_METHODS or (device is not None and v.get("device") == device)
     ]
 
 
-def add_verification(session: Session, method: str, at: float, level: int | None = None) -> None:
+def add_verification(
+    session: Session, method: str, at: float, level: int | None = None, device: str | None = None
+) -> None:
     kept = [v for v in session.state.get("verifications", []) if v["method"] != method]
-    kept.append({"method": method, "at": at, "level": level})
+    kept.append({"method": method, "at": at, "level": level, "device": device})
     session.state["verifications"] = kept
 
 

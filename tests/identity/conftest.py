@@ -23,6 +23,8 @@ from identity.demo import TOTP_SECRETS
 from identity.hub import IdentitySettings
 
 CALLBACK = "http://localhost:8765/callback"
+# What the development face matcher accepts: a PNG of at least 1 KiB.
+PHOTO = b"\x89PNG\r\n\x1a\n" + bytes(2048)
 SPA_CALLBACK = "http://localhost:8766/callback"
 
 
@@ -88,7 +90,7 @@ class FormBrowser:
         async with self.http.get(self._abs(url), allow_redirects=False) as r:
             return r.status, r.headers.get("Location", ""), await r.text()
 
-    async def post(self, url: str, data: dict[str, str]) -> tuple[int, str, str]:
+    async def post(self, url: str, data: Any) -> tuple[int, str, str]:
         async with self.http.post(self._abs(url), data=data, allow_redirects=False) as r:
             return r.status, r.headers.get("Location", ""), await r.text()
 
@@ -155,6 +157,11 @@ class FormBrowser:
                 form["code"] = totp_now(*otp) if isinstance(otp, tuple) else totp_now(otp)
             elif name == "realname":
                 form["name"], form["resident_id"] = answers["realname"]
+            elif name == "face":
+                photo = aiohttp.FormData(form)
+                photo.add_field("photo", PHOTO, filename="me.png", content_type="image/png")
+                status, location, page = await self.post("/login", photo)
+                continue
             elif name == "consent":
                 form["action"] = "allow"
                 if answers.get("consent"):

@@ -301,3 +301,23 @@ async def test_gateway_step_up_loop_from_challenge_to_a_passing_token(
     headers = {k.lower(): v for k, v in seen["headers"].items()}
     assert headers["x-cityplane-level"] == "3"
     assert headers["x-cityplane-client"] == "demo-web"
+
+
+async def test_level_four_needs_a_face_match_bound_to_the_device_it_was_made_on(
+    hub: RunningIdentity, browser: FormBrowser
+) -> None:
+    answers = {"password": ("citizen4", "demo-citizen-4"), "choose": "otp", "otp": "citizen4"}
+    steps, token = await _sign_in(hub, browser, answers, acr_values="urn:cityplane:loa:4")
+    assert steps == ["password", "choose", "otp", "face", "consent"]
+    assert token["acr"] == "urn:cityplane:loa:4" and "face" in token["amr"]
+    # The session cookie alone, on another device: the face match does not come along.
+    other = FormBrowser(hub.issuer)
+    try:
+        for cookie in browser.http.cookie_jar:
+            if cookie.key.endswith("cityplane_session"):
+                other.http.cookie_jar.update_cookies({cookie.key: cookie.value})
+        steps, token = await _sign_in(hub, other, answers, acr_values="urn:cityplane:loa:4")
+        assert steps == ["face"]
+        assert token["acr"] == "urn:cityplane:loa:4"
+    finally:
+        await other.close()
