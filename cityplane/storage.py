@@ -52,7 +52,16 @@ def _take_sqlite_transaction_control(engine: AsyncEngine) -> None:
     def _connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we emit BEGIN ourselves, below
         cursor = dbapi_connection.cursor()
-        for pragma in ("journal_mode=WAL", "busy_timeout=10000", "foreign_keys=ON"):
+        # synchronous=NORMAL with WAL: a commit survives the process crashing, and the database
+        # stays consistent; only a power loss can take the last commits (SQLite's documented
+        # trade-off). It halves the fsyncs per commit; production runs on PostgreSQL.
+        pragmas = (
+            "journal_mode=WAL",
+            "synchronous=NORMAL",
+            "busy_timeout=10000",
+            "foreign_keys=ON",
+        )
+        for pragma in pragmas:
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import insert, select, text
@@ -27,12 +28,14 @@ log = logging.getLogger(__name__)
 
 _AUDIT_LOCK = 0x41554449  # "AUDI"
 _BATCH = 500
+# (entry, the writes to make with it, the caller's future: did they hold?)
+_Item = tuple[dict[str, Any], tuple[tuple[Any, bool], ...], "asyncio.Future[bool]"]
 
 
 class AuditLog:
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
-        self._queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[None]]] = asyncio.Queue()
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -53,8 +56,12 @@ class AuditLog:
         subject: str | None = None,
         client_id: str | None = None,
         ip: str | None = None,
+        writes: Sequence[tuple[Any, bool]] = (),
         **detail: Any,
-    ) -> None:
+    ) -> bool:
+        """Append an entry, after running `writes` (statement, must-match) in the same
+        transaction. False when a must-match statement matched no row (a concurrent request won
+        the race): its writes are rolled back and nothing is logged."""
         entry = {
             "at": time.time(),
             "action": action,
@@ -64,9 +71,9 @@ class AuditLog:
             "ip": ip,
             "detail": detail,
         }
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        await self._queue.put((entry, done))
-        await done
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        await self._queue.put((entry, tuple(writes), done))
+        return await done
 
     async def _run(self) -> None:
         while True:
@@ -74,23 +81,45 @@ class AuditLog:
             while len(batch) < _BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await self._write([entry for entry, _ in batch])
+                outcomes = await self._write(batch)
             except Exception as exc:  # the callers see the failure; the writer lives on
                 log.exception("audit write failed")
-                for _, done in batch:
+                for _, _, done in batch:
                     if not done.done():
                         done.set_exception(exc)
                     self._queue.task_done()
                 continue
-            for _, done in batch:
+            for (_, _, done), outcome in zip(batch, outcomes, strict=True):
                 if not done.done():
-                    done.set_result(None)
+                    done.set_result(outcome)
                 self._queue.task_done()
 
-    async def _write(self, entries: list[dict[str, Any]]) -> None:
+    async def _write(self, batch: list[_Item]) -> list[bool]:
+        """One transaction for the whole batch: each item's writes under a savepoint of their
+        own (a lost race undoes that item only), then the entries of the items that held."""
+        outcomes = []
+        entries = []
         async with writer(self._engine).begin() as conn:
             if is_postgresql(self._engine):
                 await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _AUDIT_LOCK})
+            for entry, writes, _ in batch:
+                held = True
+                if writes:
+                    savepoint = await conn.begin_nested()
+                    for statement, must_match in writes:
+                        result = await conn.execute(statement)
+                        if must_match and not result.rowcount:
+                            held = False
+                            break
+                    if held:
+                        await savepoint.commit()
+                    else:
+                        await savepoint.rollback()
+                outcomes.append(held)
+                if held:
+                    entries.append(entry)
+            if not entries:
+                return outcomes
             last = (
                 await conn.execute(
                     select(audit_log.c.hash).order_by(audit_log.c.seq.desc()).limit(1)
@@ -102,6 +131,7 @@ class AuditLog:
                 prev = chain_hash(prev, entry)
                 rows.append({**entry, "hash": prev})
             await conn.execute(insert(audit_log), rows)
+        return outcomes
 
     async def entries(
         self, *, subject: str | None = None, actions: tuple[str, ...] = (), limit: int = 100

@@ -88,6 +88,7 @@ class IdentityStore:
         # database off the client-credentials hot path; admin writes on this replica drop it.
         self._client_ttl = client_cache_ttl
         self._client_cache: dict[str, tuple[float, HubClient | None]] = {}
+        self._account_cache: dict[str, tuple[float, Account | None]] = {}
 
     # --- accounts
     async def create_account(
@@ -122,6 +123,19 @@ class IdentityStore:
     async def account(self, account_id: str) -> Account | None:
         return await self._account_where(accounts.c.id == account_id)
 
+    async def account_cached(self, account_id: str) -> Account | None:
+        """`account()` through a short TTL cache: the token endpoint reads the same accounts over
+        and over (refresh grants). Changes on this replica drop the entry at once."""
+        now = time.monotonic()
+        cached = self._account_cache.get(account_id)
+        if cached is not None and now - cached[0] < self._client_ttl:
+            return cached[1]
+        found = await self.account(account_id)
+        if len(self._account_cache) > 10_000:
+            self._account_cache.clear()
+        self._account_cache[account_id] = (now, found)
+        return found
+
     async def account_by_username(self, username: str) -> Account | None:
         return await self._account_where(accounts.c.username == username)
 
@@ -141,6 +155,7 @@ class IdentityStore:
         return account
 
     async def update_account(self, account_id: str, **values: Any) -> None:
+        self._account_cache.pop(account_id, None)
         try:
             async with self._w.begin() as conn:
                 await conn.execute(

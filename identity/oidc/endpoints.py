@@ -140,7 +140,7 @@ async def token(request: web.Request) -> web.Response:
             )
         elif row is not None:
             ctx.code = row
-            ctx.account = await hub.store.account(row["account_id"])
+            ctx.account = await hub.store.account_cached(row["account_id"])
             ctx.auth = dict(row["auth"])
             ctx.session_id = row["session_id"]
     elif grant_type == "refresh_token" and form.get("refresh_token"):
@@ -155,24 +155,27 @@ async def token(request: web.Request) -> web.Response:
             return oauth_error(400, "invalid_grant", "refresh token reuse detected; revoked")
         if row is not None:
             ctx.refresh = row
-            ctx.account = row["account_id"] and await hub.store.account(row["account_id"])
+            ctx.account = row["account_id"] and await hub.store.account_cached(row["account_id"])
             ctx.auth = dict(row["auth"])
             ctx.family = row["family"]
             ctx.session_id = row["session_id"]
     req = HubRequest("POST", f"{hub.issuer}/token", request.headers, [], pairs)
     status, body, headers = hub.server.run(ctx, hub.server.create_token_response, req)
-    if status == 200 and ctx.writes and not await hub.store.write(ctx.writes):
-        return oauth_error(400, "invalid_grant", "the grant was used concurrently")
     if status == 200:
-        await hub.audit.record(
+        # The grant's writes (code used, refresh token rotated, new refresh token) commit with
+        # the audit entry, in the audit writer's batch: one transaction for many grants.
+        held = await hub.audit.record(
             "token.issued",
             subject=ctx.account.id if ctx.account else None,
             client_id=ctx.client.client_id if ctx.client else None,
             ip=request.remote,
+            writes=ctx.writes,
             grant_type=grant_type,
             jti=ctx.issued.get("jti"),
             scope=ctx.issued.get("scope"),
         )
+        if not held:
+            return oauth_error(400, "invalid_grant", "the grant was used concurrently")
         hub.metrics.tokens.labels(grant_type or "").inc()
     else:
         hub.metrics.token_errors.labels(grant_type or "", str(body.get("error", ""))).inc()
