@@ -151,10 +151,15 @@ class BreakerPermit:
             self._done = True
             self._breaker._finish(self, failed=True)
 
-    def __del__(self) -> None:
+    def abandon(self) -> None:
+        """No outcome to report (the client's body was refused, the request was cancelled):
+        release the permit as neutral, at once, rather than when the garbage collector runs."""
         if not self._done:
             self._done = True
             self._breaker._finish(self, failed=None)
+
+    def __del__(self) -> None:
+        self.abandon()
 
 
 class UpstreamBreaker:

@@ -197,6 +197,12 @@ class UpstreamCluster:
                     raise Problem(
                         502, "upstream-unavailable", f"{self.service!r} could not be reached"
                     ) from None
+                except BaseException:
+                    # Not the upstream's fault (a body too large or too slow, a cancelled
+                    # request): no outcome, but the permit (maybe the half-open trial) is freed.
+                    if permit is not None:
+                        permit.abandon()
+                    raise
                 if resp.status >= 500:
                     if permit is not None:
                         permit.failure()

@@ -275,6 +275,20 @@ async def test_a_trial_dropped_without_an_outcome_frees_the_trial_slot(service: 
     assert breaker.state == "closed"
 
 
+async def test_an_abandoned_trial_frees_the_slot_at_once_while_still_referenced(
+    service: str,
+) -> None:
+    breaker = UpstreamBreaker(service, spec(threshold=1, reset=0.2))
+    fail(breaker, 1)
+    await asyncio.sleep(0.21)
+    trial = breaker.acquire()
+    trial.abandon()  # the client's body was refused: no outcome, and no wait for the GC
+    breaker.acquire().success()
+    assert breaker.state == "closed"
+    trial.failure()  # a late outcome for an abandoned permit is ignored
+    assert breaker.state == "closed"
+
+
 def test_a_second_outcome_for_the_same_permit_is_ignored(service: str) -> None:
     breaker = UpstreamBreaker(service, spec(threshold=2))
     permit = breaker.acquire()
