@@ -26,7 +26,12 @@ class Located:
     source: str  # "file.yaml:12"
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+# libyaml's C parser when PyYAML was built with it (Debian's and the wheels are): a 10,000-route
+# file loads several times faster. Same safe constructor either way.
+_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _UniqueKeyLoader(_SafeLoader):
     """SafeLoader that refuses duplicate mapping keys instead of silently keeping the last."""
 
 

@@ -67,10 +67,10 @@ def test_identity_with_a_malformed_trust_config_says_where_in_one_line(tmp_path:
     bad.write_text("levels: [1\n")
     result = cli("identity", "--trust-config", str(bad), "--data-dir", str(tmp_path))
     assert result.returncode == 3
-    assert (
-        result.stderr.strip()
-        == f"cityplane: {bad}:2: malformed YAML: expected ',' or ']', but got '<stream end>'"
-    )
+    line = result.stderr.strip()
+    assert line.startswith(f"cityplane: {bad}:2: malformed YAML: ")
+    assert "expected ',' or ']'" in line
+    assert "\n" not in line
 
 
 def test_examples_are_valid_documents() -> None:
