@@ -265,8 +265,8 @@ def _add_registry_commands(sub: Any) -> None:
 
 
 def _gateway_settings(args: argparse.Namespace) -> Any:
+    from gateway.connections import GatewayLimits
     from gateway.runtime import GatewaySettings
-    from gateway.server import GatewayLimits
 
     token = os.environ.get("CITYPLANE_REGISTRY_TOKEN")
     if args.registry:

@@ -24,12 +24,13 @@ from cityplane.documents import DocumentError
 from gateway import metrics
 from gateway.accesslog import AccessLog
 from gateway.compiler import Compiler, ConfigError, PolicyContext
+from gateway.connections import GatewayLimits, make_server
 from gateway.forwarding import TrustedProxies
 from gateway.jwks import TokenVerifier
 from gateway.policies.ratelimit_store import LocalStore, RedisStore
 from gateway.registry_source import RegistrySource
 from gateway.routing import RoutingTable
-from gateway.server import GatewayLimits, RequestPath, make_server
+from gateway.server import RequestPath
 from gateway.sources import ConfigSource, FileSource
 from gateway.status import status_app
 from gateway.tracing import Tracing

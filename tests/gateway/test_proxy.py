@@ -107,7 +107,7 @@ async def test_oversized_header_gets_431_and_long_line_414(upstreams, gateway_fa
 async def test_body_over_the_limit_gets_413_without_reaching_upstream(
     upstreams, gateway_factory, http
 ):
-    from gateway.server import GatewayLimits
+    from gateway.connections import GatewayLimits
 
     up = await upstreams()
     gw = await gateway_factory(

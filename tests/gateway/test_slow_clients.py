@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from cityplane.cli import CliError, _gateway_settings, build_parser
-from gateway.server import GatewayLimits
+from gateway.connections import GatewayLimits
 from tests.conftest import service
 from tests.gateway.procs import GatewayProcess
 
