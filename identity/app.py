@@ -39,7 +39,7 @@ from identity.trust.password import PasswordHasher
 from identity.trust.realname import FileRealNameAuthority
 from identity.trust.realperson import DevFaceMatcher
 from identity.trust.sms import OutboxSender
-from identity.web import account, federated, login, passkeys
+from identity.web import account, enroll, federated, login, passkeys
 from identity.web.session import ENV, template_environment
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,7 @@ def build_app(hub: Hub) -> web.Application:
     login.add_routes(app)
     passkeys.add_routes(app)
     federated.add_routes(app)
+    enroll.add_routes(app)
     account.add_routes(app)
     admin.add_routes(app)
     return app

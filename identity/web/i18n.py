@@ -66,6 +66,9 @@ MESSAGES: dict[str, dict[str, str]] = {
         "scope_phone": "See your phone number",
         "scope_offline_access": "Stay connected when you are away",
         "this_session": "this session",
+        "totp_scan": "Scan this code with your authenticator app, then enter the code it shows.",
+        "totp_manual": "Or type this key:",
+        "set_up": "Set up",
     },
     "zh": {
         "title": "城市统一登录",
@@ -121,6 +124,9 @@ MESSAGES: dict[str, dict[str, str]] = {
         "scope_phone": "查看您的手机号码",
         "scope_offline_access": "在您离开后保持连接",
         "this_session": "当前会话",
+        "totp_scan": "请用身份验证器应用扫描此二维码，然后输入其显示的验证码。",
+        "totp_manual": "或手动输入此密钥：",
+        "set_up": "设置",
     },
 }
 
