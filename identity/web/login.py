@@ -210,7 +210,22 @@ async def _password(a: Attempt) -> Outcome:
     return a.session, None
 
 
+def _factor_key(a: Attempt) -> str:
+    # Second factors are throttled like passwords (same policy), per account: a 6-digit code
+    # has 10^6 values, and SMS "resend" would otherwise give fresh attempts without end.
+    return f"second-factor:{a.account.id}"
+
+
+async def _factor_throttled(a: Attempt) -> str | None:
+    decision = await a.hub.throttle.check(_factor_key(a), a.request.remote or "?")
+    if decision.allowed:
+        return None
+    return _t(a.request, "throttled", seconds=int(decision.retry_after) + 1)
+
+
 async def _otp(a: Attempt) -> Outcome:
+    if message := await _factor_throttled(a):
+        return a.session, message
     now = time.time()
     step = verify_totp(
         a.account.totp_secret or "",
@@ -219,16 +234,21 @@ async def _otp(a: Attempt) -> Outcome:
         last_step=a.account.totp_last_step,
     )
     if step is None or not await a.hub.store.claim_totp_step(a.account.id, step):
+        await a.hub.throttle.failed(_factor_key(a), a.request.remote or "?")
         a.hub.metrics.logins.labels("otp", "failed").inc()
         await a.hub.audit.record(
             "stepup.failed", actor=a.account.id, subject=a.account.id, method="otp"
         )
         return a.session, _t(a.request, "bad_code")
+    await a.hub.throttle.succeeded(_factor_key(a), a.request.remote or "?")
     return await _stepped_up(a.hub, a.session, a.account, "otp", a.request)
 
 
 async def _sms(a: Attempt) -> Outcome:
+    if message := await _factor_throttled(a):
+        return a.session, message
     if a.form.get("resend"):
+        await a.hub.throttle.failed(_factor_key(a), a.request.remote or "?")  # a resend costs
         await _send_sms(a.hub, a.session, a.account)
         return a.session, None
     raw = a.session.state.get("sms")
@@ -236,8 +256,10 @@ async def _sms(a: Attempt) -> Outcome:
     if challenge is None or not challenge.verify(a.form.get("code", ""), now=time.time()):
         if challenge is not None:
             a.session.state["sms"] = challenge.to_dict()
+        await a.hub.throttle.failed(_factor_key(a), a.request.remote or "?")
         a.hub.metrics.logins.labels("sms", "failed").inc()
         return a.session, _t(a.request, "bad_code")
+    await a.hub.throttle.succeeded(_factor_key(a), a.request.remote or "?")
     a.session.state.pop("sms", None)
     return await _stepped_up(a.hub, a.session, a.account, "sms", a.request)
 

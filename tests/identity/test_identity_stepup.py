@@ -321,3 +321,65 @@ async def test_level_four_needs_a_face_match_bound_to_the_device_it_was_made_on(
         assert token["acr"] == "urn:cityplane:loa:4"
     finally:
         await other.close()
+
+
+async def _to_factor_page(browser: FormBrowser, method: str) -> str:
+    """Sign citizen2 in for level 2 and stop on the `method` page; return its URL."""
+    _, challenge = pkce()
+    status, location, _ = await browser.get(
+        "/authorize?response_type=code&client_id=demo-web&scope=openid&redirect_uri="
+        + CALLBACK
+        + "&acr_values=urn:cityplane:loa:2&code_challenge="
+        + challenge
+        + "&code_challenge_method=S256"
+    )
+    _, _, page = await browser.get(location)
+    await browser.post(
+        "/login",
+        {
+            "csrf": re.search(r'name="csrf" value="([^"]+)"', page).group(1),
+            "flow": re.search(r'name="flow" value="([^"]+)"', page).group(1),
+            "action": "password",
+            "username": "citizen2",
+            "password": "demo-citizen-2",
+        },
+    )
+    return f"{location}&method={method}"
+
+
+async def _submit_code(browser: FormBrowser, page_url: str, action: str, code: str) -> str:
+    _, _, page = await browser.get(page_url)
+    status, location, _ = await browser.post(
+        "/login",
+        {
+            "csrf": re.search(r'name="csrf" value="([^"]+)"', page).group(1),
+            "flow": re.search(r'name="flow" value="([^"]+)"', page).group(1),
+            "action": action,
+            "code": code,
+        },
+    )
+    _, _, after = await browser.get(location)
+    message = re.search(r'id="message">([^<]*)<', after)
+    return message.group(1) if message else ""
+
+
+async def test_sms_code_from_the_outbox_completes_the_second_factor(
+    hub: RunningIdentity, browser: FormBrowser
+) -> None:
+    url = await _to_factor_page(browser, "sms")
+    _, _, page = await browser.get(url)
+    assert "+86 138****0002" in page or "138****0002" in page
+    outbox = hub.hub.settings.data_dir / "identity" / "sms-outbox.jsonl"
+    code = re.findall(r"code: (\d{6})", outbox.read_text())[-1]
+    assert await _submit_code(browser, url, "sms", code) == ""
+    _, location, page = await browser.get(url.replace("&method=sms", ""))
+    assert 'id="consent-form"' in page or location.startswith(CALLBACK)
+
+
+async def test_second_factor_guessing_is_throttled(
+    hub: RunningIdentity, browser: FormBrowser
+) -> None:
+    url = await _to_factor_page(browser, "otp")
+    messages = [await _submit_code(browser, url, "otp", "000000") for _ in range(7)]
+    assert messages[0] == "That code is not right or has expired."
+    assert messages[-1].startswith("Too many attempts.")
