@@ -326,7 +326,7 @@ async def test_level_four_needs_a_face_match_bound_to_the_device_it_was_made_on(
 async def _to_factor_page(browser: FormBrowser, method: str) -> str:
     """Sign citizen2 in for level 2 and stop on the `method` page; return its URL."""
     _, challenge = pkce()
-    status, location, _ = await browser.get(
+    _, location, _ = await browser.get(
         "/authorize?response_type=code&client_id=demo-web&scope=openid&redirect_uri="
         + CALLBACK
         + "&acr_values=urn:cityplane:loa:2&code_challenge="
@@ -349,7 +349,7 @@ async def _to_factor_page(browser: FormBrowser, method: str) -> str:
 
 async def _submit_code(browser: FormBrowser, page_url: str, action: str, code: str) -> str:
     _, _, page = await browser.get(page_url)
-    status, location, _ = await browser.post(
+    _, location, _ = await browser.post(
         "/login",
         {
             "csrf": re.search(r'name="csrf" value="([^"]+)"', page).group(1),
