@@ -1,10 +1,12 @@
-"""The kopf handlers: thin glue from kopf's causes to :class:`AppReconciler` and back.
+"""The kopf handlers: thin glue from kopf's causes to :class:`AppReconciler` (CityApps) and
+:class:`ServiceReconciler` (CityServices) and back.
 
-create/update/resume and a drift timer run the same level-based reconcile; delete runs the
-finalizer (kopf adds ``cityplane.io/finalizer`` because a delete handler exists). An invalid
-spec raises ``kopf.PermanentError`` (no retry until the spec changes); a dependency outage
-raises ``kopf.TemporaryError`` with an exponential backoff. Status is written through kopf's
-``patch`` in both cases, so ``kubectl get cityapps`` says what is wrong while kopf retries.
+For each kind, create/update/resume and a drift timer run the same level-based reconcile; delete
+runs the finalizer (kopf adds ``cityplane.io/finalizer`` because a delete handler exists). An
+invalid spec raises ``kopf.PermanentError`` (no retry until the spec changes); a dependency
+outage raises ``kopf.TemporaryError`` with an exponential backoff. Status is written through
+kopf's ``patch`` in both cases, so ``kubectl get cityapps`` (or ``cityservices``) says what is
+wrong while kopf retries.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +24,10 @@ from cityplane.client import RegistryError, RegistryUnavailable
 from operators.hub import HubError, HubUnavailable
 from operators.metrics import OperatorMetrics
 from operators.reconcile import AppReconciler, Outcome
+from operators.services import ServiceReconciler
 
 RESOURCE = ("cityplane.io", "v1alpha1", "cityapps")
+SERVICES = ("cityplane.io", "v1alpha1", "cityservices")
 FINALIZER = "cityplane.io/finalizer"
 Login = Callable[..., kopf.ConnectionInfo | None]
 
@@ -60,17 +64,25 @@ def build_registry(
     metrics: OperatorMetrics,
     timing: Timing,
     login: Login,
+    services: ServiceReconciler | None = None,
 ) -> kopf.OperatorRegistry:
-    """A kopf registry with the CityApp handlers (its own: several operators can share a
-    process, as the tests do)."""
+    """A kopf registry with the CityApp and CityService handlers (its own: several operators
+    can share a process, as the tests do). ``services`` defaults to a reconciler for the
+    CityApps' registry."""
     registry = kopf.OperatorRegistry()
     locks: dict[str, asyncio.Lock] = {}
+    if services is None:
+        services = ServiceReconciler(
+            reconciler.deps.registry, http_timeout=reconciler.deps.http_timeout
+        )
 
     def lock_for(body: Mapping[str, Any]) -> asyncio.Lock:
         # A timer and a change handler of one object may overlap in kopf; they must not
-        # reconcile it at the same time (two rotations, two Secrets).
+        # reconcile it at the same time (two rotations, two Secrets). Keyed by kind too: a
+        # CityApp and a CityService may share a name.
         meta = body["metadata"]
-        return locks.setdefault(f"{meta.get('namespace')}/{meta.get('name')}", asyncio.Lock())
+        key = f"{body.get('kind')}/{meta.get('namespace')}/{meta.get('name')}"
+        return locks.setdefault(key, asyncio.Lock())
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -85,10 +97,15 @@ def build_registry(
     def authenticate(**kwargs: Any) -> kopf.ConnectionInfo | None:
         return login(**kwargs)
 
-    async def run(handler: str, body: kopf.Body, patch: kopf.Patch) -> Outcome:
+    async def run(
+        handler: str,
+        body: kopf.Body,
+        patch: kopf.Patch,
+        reconcile_one: Callable[[Mapping[str, Any]], Awaitable[Outcome]] = reconciler.reconcile,
+    ) -> Outcome:
         started = time.monotonic()
         async with lock_for(body):
-            outcome = await reconciler.reconcile(body)
+            outcome = await reconcile_one(body)
         previous = body.get("status") or {}
         changes = _status_patch(previous, outcome.status)
         if changes:
@@ -150,6 +167,52 @@ def build_registry(
         metrics.observe("delete", "ok", time.monotonic() - started, [])
         for line in done:
             meta = body["metadata"]
+            logging.getLogger(__name__).info("%s/%s: %s", meta["namespace"], meta["name"], line)
+
+    # --- CityService: the registry's document as a resource (operators/services.py) ---------
+    # Metrics label these handlers "cityservice-<cause>", next to the CityApps' "<cause>".
+
+    @kopf.on.resume(*SERVICES, id="register", registry=registry)
+    @kopf.on.create(*SERVICES, id="register", registry=registry)
+    @kopf.on.update(*SERVICES, id="register", registry=registry)
+    async def register_service(
+        body: kopf.Body, patch: kopf.Patch, retry: int, reason: str, **_: Any
+    ) -> None:
+        outcome = await run(f"cityservice-{reason}", body, patch, services.reconcile)
+        if outcome.permanent:
+            raise kopf.PermanentError(outcome.permanent)
+        if outcome.transient:
+            kopf.warn(body, reason="Retrying", message="; ".join(outcome.transient))
+            raise kopf.TemporaryError("; ".join(outcome.transient), delay=backoff(retry, timing))
+
+    @kopf.timer(
+        *SERVICES,
+        id="drift",
+        interval=timing.drift_interval,
+        initial_delay=timing.drift_interval,
+        registry=registry,
+    )
+    async def service_drift(body: kopf.Body, patch: kopf.Patch, **kwargs: Any) -> None:
+        """Put back a registry entry deleted or edited behind the operator's back."""
+        retry = int(kwargs.get("retry") or 0)
+        outcome = await run("cityservice-timer", body, patch, services.reconcile)
+        if outcome.transient and not outcome.permanent:
+            raise kopf.TemporaryError("; ".join(outcome.transient), delay=backoff(retry, timing))
+
+    @kopf.on.delete(*SERVICES, id="cleanup", registry=registry)
+    async def deregister_service(body: kopf.Body, retry: int, **_: Any) -> None:
+        started = time.monotonic()
+        try:
+            async with lock_for(body):
+                done = await services.finalize(body)
+        except (RegistryUnavailable, RegistryError) as exc:
+            metrics.observe("cityservice-delete", "retry", time.monotonic() - started, ["registry"])
+            raise kopf.TemporaryError(
+                f"cannot clean up yet (registry): {exc}", delay=backoff(retry, timing)
+            ) from None
+        metrics.observe("cityservice-delete", "ok", time.monotonic() - started, [])
+        meta = body["metadata"]
+        for line in done:
             logging.getLogger(__name__).info("%s/%s: %s", meta["namespace"], meta["name"], line)
 
     return registry

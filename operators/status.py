@@ -46,10 +46,11 @@ def ready(parts: Iterable[Condition]) -> Condition:
     return Condition(READY, status, failing[0].reason, message)
 
 
-def invalid(message: str) -> list[Condition]:
-    """The conditions of a CityApp whose spec cannot be used at all."""
-    parts = [Condition(t, "Unknown", "InvalidSpec", "the spec is invalid") for t in PARTS]
-    return [*parts, Condition(READY, "False", "InvalidSpec", message)]
+def invalid(message: str, parts: Iterable[str] = PARTS) -> list[Condition]:
+    """The conditions of a resource whose spec cannot be used at all (``parts``: its condition
+    types besides Ready; a CityApp's by default)."""
+    unknown = [Condition(t, "Unknown", "InvalidSpec", "the spec is invalid") for t in parts]
+    return [*unknown, Condition(READY, "False", "InvalidSpec", message)]
 
 
 def render_conditions(
