@@ -185,6 +185,29 @@ def test_a_success_resets_the_failure_count(service: str) -> None:
     assert breaker.state == "closed"
 
 
+def test_an_attempt_dropped_without_an_outcome_neither_counts_nor_resets(service: str) -> None:
+    breaker = UpstreamBreaker(service, spec(threshold=3))
+    fail(breaker, 2)
+    breaker.acquire().abandon()  # e.g. the client's body was refused mid-attempt
+    dropped = breaker.acquire()
+    del dropped  # or the request was cancelled
+    gc.collect()
+    assert breaker.state == "closed"
+    fail(breaker, 1)
+    assert breaker.state == "open"  # the two earlier failures still counted
+
+
+def test_concurrent_attempts_count_their_outcomes_in_the_order_they_end(service: str) -> None:
+    breaker = UpstreamBreaker(service, spec(threshold=2))
+    first, second, third = breaker.acquire(), breaker.acquire(), breaker.acquire()
+    first.failure()
+    second.success()  # ends after the failure: resets the consecutive count
+    third.failure()
+    assert breaker.state == "closed"
+    fail(breaker, 1)
+    assert breaker.state == "open"
+
+
 def test_client_error_answers_are_successes_and_do_not_count(service: str) -> None:
     breaker = UpstreamBreaker(service, spec(threshold=3))
     for _ in range(10):
