@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reg.add_argument("--admin-token-file", type=Path, default=_env("ADMIN_TOKEN_FILE"))
     reg.add_argument("--heartbeat", type=float, default=15.0, help="watch heartbeat seconds")
+    reg.add_argument("--otlp-endpoint", default=_env("OTLP_ENDPOINT"), help="traces (OTLP/HTTP)")
     reg.add_argument(
         "--issuer",
         metavar="URL",
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML: upstream OIDC providers as sign-in methods ({providers: [...]})",
     )
     idp.add_argument("--demo", action="store_true", help="create the demo accounts and clients")
+    idp.add_argument("--otlp-endpoint", default=_env("OTLP_ENDPOINT"), help="traces (OTLP/HTTP)")
     add_operator_parser(sub)
     sub.add_parser("version", help="print the version")
     _add_registry_commands(sub)
@@ -385,6 +387,7 @@ def _run_registry(args: argparse.Namespace) -> int:
         database_url=args.database_url,
         admin_token_file=args.admin_token_file,
         heartbeat=args.heartbeat,
+        otlp_endpoint=args.otlp_endpoint,
         issuer=args.issuer,
         jwks_url=args.jwks_url,
         audience=args.audience,
@@ -435,6 +438,7 @@ def _run_identity(args: argparse.Namespace) -> int:
         sms_outbox=args.sms_outbox,
         federation=federation,
         demo=args.demo,
+        otlp_endpoint=args.otlp_endpoint,
     )
     try:
         run(settings)

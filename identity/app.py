@@ -23,6 +23,7 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from cityplane.problem import Problem
 from cityplane.signals import until_stopped
 from cityplane.storage import make_engine, migrate, ping, safe_url
+from cityplane.telemetry import tracer_provider, tracing_middleware
 from cityplane.tokenfile import AdminTokenError, load_or_create_admin_token
 from identity import admin
 from identity.audit import AuditLog
@@ -81,6 +82,9 @@ class RunningIdentity:
             await self.hub._http.close()
         self.hub.hasher.close()
         await self.hub.engine.dispose()
+        provider = self.hub.settings.tracer_provider
+        if provider is not None and self.hub.settings.otlp_endpoint:
+            provider.shutdown()  # flushes the last spans (ours; a test's provider is its own)
 
 
 @web.middleware
@@ -137,7 +141,14 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 def build_app(hub: Hub) -> web.Application:
-    app = web.Application(client_max_size=6 * 1024 * 1024, middlewares=[_measured, _problems])
+    middlewares: list[Any] = [_measured, _problems]
+    provider = hub.settings.tracer_provider
+    if provider is None and hub.settings.otlp_endpoint:
+        provider = tracer_provider("cityplane-identity", hub.settings.otlp_endpoint)
+        hub.settings.tracer_provider = provider
+    if provider is not None:
+        middlewares.insert(0, tracing_middleware(provider, "cityplane.identity"))
+    app = web.Application(client_max_size=6 * 1024 * 1024, middlewares=middlewares)
     app[HUB] = hub
     app[ENV] = template_environment()
     app.router.add_get("/healthz", _healthz)

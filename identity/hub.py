@@ -49,6 +49,8 @@ class IdentitySettings:
     sms_outbox: Path | None = None  # None: <data_dir>/identity/sms-outbox.jsonl
     realname_registry: Path | None = None  # reference authority file (development)
     secure_cookies: bool | None = None  # None: when the issuer is https
+    otlp_endpoint: str | None = None  # OpenTelemetry traces (OTLP/HTTP) when set
+    tracer_provider: Any = None  # tests hand in an SDK provider with an in-memory exporter
     demo: bool = False  # `cityplane up`: demo accounts and clients
 
     def resolved_database_url(self) -> str:

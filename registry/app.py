@@ -8,6 +8,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -15,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cityplane.signals import until_stopped
 from cityplane.storage import safe_url
+from cityplane.telemetry import tracer_provider, tracing_middleware
 from cityplane.tokenfile import AdminTokenError, load_or_create_admin_token
 from registry import middleware
 from registry.api import add_api_routes
@@ -44,6 +46,8 @@ class RegistrySettings:
     heartbeat: float = 15.0  # seconds of silence on a watch stream before ": heartbeat"
     changes_kept: int = 10_000  # changes kept for watch resume; older `since` gets a snapshot
     reap_interval: float = 1.0  # seconds between looks for instances that missed their TTL
+    otlp_endpoint: str | None = None  # OpenTelemetry traces (OTLP/HTTP) when set
+    tracer_provider: Any = None  # tests hand in an SDK provider with an in-memory exporter
     # The identity hub whose access tokens are accepted too (None: the admin token only).
     issuer: str | None = None
     jwks_url: str | None = None  # None: from the issuer's discovery document
@@ -128,11 +132,13 @@ async def _reap(store: InstanceStore, interval: float) -> None:
             log.exception("the instance reaper failed; trying again")
 
 
-def build_app(state: RegistryState, authenticator: Authenticator) -> web.Application:
-    app = web.Application(
-        client_max_size=MAX_BODY,
-        middlewares=[middleware.measured, middleware.problems, authenticator.middleware()],
-    )
+def build_app(
+    state: RegistryState, authenticator: Authenticator, tracer: Any = None
+) -> web.Application:
+    middlewares = [middleware.measured, middleware.problems, authenticator.middleware()]
+    if tracer is not None:
+        middlewares.insert(0, tracing_middleware(tracer, "cityplane.registry"))
+    app = web.Application(client_max_size=MAX_BODY, middlewares=middlewares)
     app[STATE] = state
     add_status_routes(app)
     add_api_routes(app)
@@ -195,7 +201,12 @@ async def start_registry(settings: RegistrySettings) -> RunningRegistry:
         verifiers.append(hub)
     authenticator = Authenticator(verifiers)
     # Watch streams end at once on stop (the notifier closes them); 5 s is for slow writers.
-    runner = web.AppRunner(build_app(state, authenticator), shutdown_timeout=5.0)
+    tracer = settings.tracer_provider
+    if tracer is None and settings.otlp_endpoint:
+        tracer = settings.tracer_provider = tracer_provider(
+            "cityplane-registry", settings.otlp_endpoint
+        )
+    runner = web.AppRunner(build_app(state, authenticator, tracer), shutdown_timeout=5.0)
     try:
         if hub is not None:
             await hub.start()  # one JWKS fetch now; without it hub tokens get a 503 for a while

@@ -3,6 +3,8 @@ userinfo, introspection, revocation — over real sockets with the demo accounts
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 import jwt
 import pytest
@@ -225,3 +227,43 @@ async def test_userinfo_introspection_and_revocation(
             f"{hub.issuer}/userinfo", headers={"Authorization": "Bearer x.y.z"}
         ) as r:
             assert r.status == 401
+
+
+async def test_hub_traces_requests_and_counts_grants(tmp_path: Any) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from identity.app import start_identity
+    from identity.hub import IdentitySettings
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    hub = await start_identity(
+        IdentitySettings(port=0, data_dir=tmp_path, demo=True, tracer_provider=provider)
+    )
+    try:
+        trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+        parent = f"00-{trace_id}-00f067aa0ba902b7-01"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(
+                f"{hub.issuer}/.well-known/openid-configuration", headers={"traceparent": parent}
+            ) as r:
+                assert r.status == 200
+            status, _, _ = await _token(
+                hub, {"grant_type": "client_credentials"}, ("demo-web", demo_secret(hub))
+            )
+            assert status == 200
+            async with http.get(f"{hub.issuer}/metrics") as r:
+                metrics = await r.text()
+        spans = {s.name: s for s in exporter.get_finished_spans()}
+        discovery = spans["GET /.well-known/openid-configuration"]
+        assert f"{discovery.context.trace_id:032x}" == trace_id
+        assert discovery.attributes["http.response.status_code"] == 200
+        assert "POST /token" in spans
+        assert 'cityplane_identity_tokens_issued_total{grant_type="client_credentials"} 1.0' in (
+            metrics
+        )
+    finally:
+        await hub.stop()
