@@ -112,9 +112,13 @@ def owned(entry: CityService, ref: ServiceRef) -> bool:
 
 
 def _as_written(service: CityService) -> dict[str, Any]:
-    document = service.model_dump(mode="json", exclude_unset=True)
-    document["metadata"].pop("resourceVersion", None)
-    return document
+    """What the registry keeps of a document: name, labels, annotations and the spec as set
+    (``apiVersion``/``kind`` are constant; ``resourceVersion`` is the registry's)."""
+    metadata = service.metadata
+    return {
+        "metadata": [metadata.name, metadata.labels, metadata.annotations],
+        "spec": service.spec.model_dump(mode="json", exclude_unset=True),
+    }
 
 
 class ServiceReconciler:

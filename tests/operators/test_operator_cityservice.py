@@ -235,6 +235,39 @@ async def test_updating_a_cityservice_replaces_its_registry_entry(
     assert f"resourceVersion {after.metadata.resourceVersion}" in registered_now["message"]
 
 
+async def registry_requests(registry: RunningRegistry) -> dict[str, float]:
+    """``cityplane_registry_requests_total`` by method, from the registry's own /metrics."""
+    async with ClientSession() as session, session.get(f"{registry.url}/metrics") as resp:
+        text = await resp.text()
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("cityplane_registry_requests_total{"):
+            method = line.split('method="', 1)[1].split('"', 1)[0]
+            counts[method] = counts.get(method, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+async def test_drift_check_that_finds_nothing_writes_nothing(
+    kube: KubeEmulator, registry: RunningRegistry, start_operator: StartOperator
+) -> None:
+    await start_operator(registry_url=registry.url, registry_token=registry.admin_token)
+    await create(kube, example())
+    await registered(kube)
+    before = await registry_requests(registry)
+    polls = [before]
+
+    async def two_more_checks() -> bool:
+        polls.append(await registry_requests(registry))
+        # each earlier read of /metrics is a GET too: k reads after `before`, k GETs of ours
+        theirs = polls[-1].get("GET", 0) - before.get("GET", 0) - (len(polls) - 1)
+        return theirs >= 2
+
+    await eventually_async(two_more_checks, what="two drift checks")
+    after = polls[-1]
+    writes = ("POST", "PUT", "DELETE")
+    assert {m: after.get(m, 0) for m in writes} == {m: before.get(m, 0) for m in writes}
+
+
 async def test_registry_entry_deleted_behind_the_operators_back_is_put_back(
     kube: KubeEmulator, registry: RunningRegistry, start_operator: StartOperator
 ) -> None:
