@@ -15,7 +15,7 @@ from aiohttp import ClientSession
 
 from cityplane.client import RegistryClient
 from cityplane.schema import CityService, ServiceSpec
-from operators.services import ServiceRef, render_registry_service
+from operators.services import ServiceRef, owned, render_registry_service
 from registry.app import RegistrySettings, RunningRegistry, start_registry
 from tests.operators.conftest import StartOperator, eventually, eventually_async, free_port
 from tests.operators.kube_emulator import KubeEmulator
@@ -172,6 +172,26 @@ def test_owner_defaults_to_the_annotation_then_the_namespace_and_reserved_labels
         "cityplane.io/namespace": NS,
         "cityplane.io/cityservice": NAME,
     }
+
+
+def test_only_entries_marked_for_this_very_resource_are_its_own() -> None:
+    spec = example()["spec"]
+    ref = ServiceRef(NAME, NS)
+    mine = render_registry_service(ref, spec)
+    assert owned(mine, ref)
+    a_cityapps = mine.model_copy(
+        update={
+            "metadata": mine.metadata.model_copy(
+                update={"labels": {"cityplane.io/namespace": NS, "cityplane.io/cityapp": NAME}}
+            )
+        }
+    )
+    by_hand = mine.model_copy(update={"metadata": mine.metadata.model_copy(update={"labels": {}})})
+    assert not owned(a_cityapps, ref) and not owned(by_hand, ref)
+    # the same registry name claimed from another namespace through the annotation
+    other = ServiceRef(NAME, "parks", annotations={"cityplane.io/registry-name": REGISTRY_NAME})
+    assert render_registry_service(other, spec).metadata.name == REGISTRY_NAME
+    assert not owned(mine, other)
 
 
 # --- the operator -----------------------------------------------------------------------------
