@@ -18,6 +18,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from cityplane.problem import Problem
@@ -34,6 +36,7 @@ from identity.hub import HUB, Hub, IdentitySettings
 from identity.keys import KeyRing
 from identity.oidc import endpoints
 from identity.oidc.server import HubAuthorizationServer
+from identity.sessions import RedisSessions
 from identity.store import IdentityStore
 from identity.trust.levels import TrustConfigError, TrustPolicy
 from identity.trust.password import PasswordHasher
@@ -82,6 +85,8 @@ class RunningIdentity:
             await self.hub._http.close()
         self.hub.hasher.close()
         await self.hub.engine.dispose()
+        if self.hub.redis is not None:
+            await self.hub.redis.aclose()
         provider = self.hub.settings.tracer_provider
         if provider is not None and self.hub.settings.otlp_endpoint:
             provider.shutdown()  # flushes the last spans (ours; a test's provider is its own)
@@ -97,6 +102,16 @@ async def _problems(request: web.Request, handler: Any) -> web.StreamResponse:
             body=problem.body(request.path),
             status=problem.status,
             headers={**problem.headers, "Content-Type": "application/problem+json"},
+        )
+    except RedisError as exc:
+        log.warning("session store unavailable: %s", exc)
+        unavailable = Problem(
+            503, "sessions-unavailable", "sign-in is unavailable for a moment; try again"
+        )
+        return web.Response(
+            body=unavailable.body(request.path),
+            status=503,
+            headers={"Content-Type": "application/problem+json", "Retry-After": "5"},
         )
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
@@ -249,7 +264,14 @@ async def start_identity(settings: IdentitySettings) -> RunningIdentity:
 
     runner: web.AppRunner | None = None
     try:
-        store = IdentityStore(engine)
+        redis = None
+        if settings.redis_url:
+            # Short timeouts and no retries of its own: a dead Redis must fail fast (the throttle
+            # falls back to in-process counting; sessions answer 503).
+            redis = Redis.from_url(
+                settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5, retry=None
+            )
+        store = IdentityStore(engine, sessions=RedisSessions(redis) if redis else None)
         longest = max(settings.access_token_ttl, settings.id_token_ttl)
         keys = KeyRing(
             engine,
@@ -260,11 +282,7 @@ async def start_identity(settings: IdentitySettings) -> RunningIdentity:
         )
         await keys.ensure()
         audit = AuditLog(engine)
-        throttle_store: Any = LocalThrottleStore()
-        if settings.redis_url:
-            import redis.asyncio as aioredis
-
-            throttle_store = RedisThrottleStore(aioredis.from_url(settings.redis_url))
+        throttle_store: Any = RedisThrottleStore(redis) if redis else LocalThrottleStore()
         sock = _bind(settings.host, settings.port)
         port = sock.getsockname()[1]
         issuer = _issuer(settings, port)
@@ -303,6 +321,7 @@ async def start_identity(settings: IdentitySettings) -> RunningIdentity:
             ),
         )
         hub.server.userinfo = hub.userinfo
+        hub.redis = redis
         hub.upstreams = {p.id: Upstream(p) for p in providers}
         audit.start()
         if settings.demo:

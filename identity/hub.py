@@ -115,6 +115,7 @@ class Hub:
     ready: bool = False
     demo: dict[str, Any] = field(default_factory=dict)  # what `seed_demo` made, for demo.json
     upstreams: dict[str, Upstream] = field(default_factory=dict)
+    redis: Any = None  # when configured: sessions and login throttling
     _http: aiohttp.ClientSession | None = None
 
     def http(self) -> aiohttp.ClientSession:

@@ -3,9 +3,7 @@ refresh tokens, consents. Async SQLAlchemy Core; every write is one short transa
 
 from __future__ import annotations
 
-import secrets
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, insert, select, update
@@ -19,27 +17,22 @@ from identity.models import (
     consents,
     refresh_tokens,
     revoked_jtis,
-    sessions,
 )
+from identity.sessions import DatabaseSessions, Session, SessionBackend
 
 __all__ = ["Account", "DuplicateError", "IdentityStore", "Membership", "Session"]
 
 
-@dataclass(slots=True)
-class Session:
-    id: str
-    account_id: str | None
-    state: dict[str, Any]
-    created_at: float
-    seen_at: float
-    expires_at: float
-    user_agent: str | None = None
-    ip: str | None = None
-
-
 class IdentityStore(AccountStore):
-    def __init__(self, engine: AsyncEngine, *, client_cache_ttl: float = 5.0) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        client_cache_ttl: float = 5.0,
+        sessions: SessionBackend | None = None,
+    ) -> None:
         super().__init__(engine, cache_ttl=client_cache_ttl)
+        self.sessions: SessionBackend = sessions or DatabaseSessions(engine)
         # Clients are read on every token request and change rarely: a short TTL cache keeps the
         # database off the client-credentials hot path; admin writes on this replica drop it.
         self._client_ttl = client_cache_ttl
@@ -141,66 +134,23 @@ class IdentityStore(AccountStore):
             )
         return bool(result.rowcount)
 
-    # --- sessions
+    # --- sessions: in the database, or in Redis when configured (identity/sessions.py)
     async def create_session(
         self, *, lifetime: float, user_agent: str | None, ip: str | None
     ) -> Session:
-        now = time.time()
-        # The CSRF token is born with the session, so every page rendered from it carries one.
-        state: dict[str, Any] = {"csrf": secrets.token_urlsafe(24)}
-        session = Session(
-            secrets.token_urlsafe(32), None, state, now, now, now + lifetime, user_agent, ip
-        )
-        async with self._w.begin() as conn:
-            await conn.execute(
-                insert(sessions).values(
-                    id=session.id,
-                    account_id=None,
-                    state=state,
-                    created_at=now,
-                    seen_at=now,
-                    expires_at=session.expires_at,
-                    user_agent=(user_agent or "")[:256],
-                    ip=ip,
-                )
-            )
-        return session
+        return await self.sessions.create(lifetime=lifetime, user_agent=user_agent, ip=ip)
 
     async def session(self, session_id: str) -> Session | None:
-        async with self.engine.connect() as conn:
-            row = (
-                (await conn.execute(select(sessions).where(sessions.c.id == session_id)))
-                .mappings()
-                .first()
-            )
-        if row is None or row["expires_at"] <= time.time():
-            return None
-        return Session(**{**row, "state": dict(row["state"])})
+        return await self.sessions.get(session_id)
 
     async def save_session(self, session: Session) -> None:
-        session.seen_at = time.time()
-        async with self._w.begin() as conn:
-            await conn.execute(
-                update(sessions)
-                .where(sessions.c.id == session.id)
-                .values(account_id=session.account_id, state=session.state, seen_at=session.seen_at)
-            )
+        await self.sessions.save(session)
 
     async def end_session(self, session_id: str) -> None:
-        async with self._w.begin() as conn:
-            await conn.execute(delete(sessions).where(sessions.c.id == session_id))
+        await self.sessions.end(session_id)
 
     async def sessions_of(self, account_id: str) -> list[Session]:
-        async with self.engine.connect() as conn:
-            rows = (
-                await conn.execute(
-                    select(sessions)
-                    .where(sessions.c.account_id == account_id)
-                    .where(sessions.c.expires_at > time.time())
-                    .order_by(sessions.c.seen_at.desc())
-                )
-            ).mappings()
-            return [Session(**{**r, "state": dict(r["state"])}) for r in rows]
+        return await self.sessions.of_account(account_id)
 
     # --- authorization codes and refresh tokens (rows written after Authlib's grant ran)
     async def write(self, statements: list[Any]) -> bool:
