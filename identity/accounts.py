@@ -196,11 +196,46 @@ class AccountStore:
             query = select(organizations.c.id).where(organizations.c.id == org_id)
             return (await conn.execute(query)).first() is not None
 
-    async def add_member(self, org_id: str, account_id: str, roles: list[str]) -> None:
+    async def put_organization(self, org_id: str, name: str) -> bool:
+        """Create or rename; True when created."""
         async with self._w.begin() as conn:
+            found = (
+                await conn.execute(select(organizations.c.id).where(organizations.c.id == org_id))
+            ).first()
+            if found:
+                await conn.execute(
+                    update(organizations).where(organizations.c.id == org_id).values(name=name)
+                )
+                return False
             await conn.execute(
-                insert(memberships).values(org_id=org_id, account_id=account_id, roles=roles)
+                insert(organizations).values(id=org_id, name=name, created_at=time.time())
             )
+            return True
+
+    async def add_member(self, org_id: str, account_id: str, roles: list[str]) -> None:
+        """Add `account_id` to the organization with `roles`, or set its roles."""
+        self._account_cache.pop(account_id, None)
+        async with self._w.begin() as conn:
+            updated = await conn.execute(
+                update(memberships)
+                .where(memberships.c.org_id == org_id)
+                .where(memberships.c.account_id == account_id)
+                .values(roles=roles)
+            )
+            if not updated.rowcount:
+                await conn.execute(
+                    insert(memberships).values(org_id=org_id, account_id=account_id, roles=roles)
+                )
+
+    async def remove_member(self, org_id: str, account_id: str) -> bool:
+        self._account_cache.pop(account_id, None)
+        async with self._w.begin() as conn:
+            result = await conn.execute(
+                delete(memberships)
+                .where(memberships.c.org_id == org_id)
+                .where(memberships.c.account_id == account_id)
+            )
+        return bool(result.rowcount)
 
     # --- passkeys
     async def add_passkey(
