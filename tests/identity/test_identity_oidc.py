@@ -267,3 +267,12 @@ async def test_hub_traces_requests_and_counts_grants(tmp_path: Any) -> None:
         )
     finally:
         await hub.stop()
+
+
+async def test_implicit_flow_is_not_offered(hub: RunningIdentity, browser: FormBrowser) -> None:
+    # RFC 9700 §2.1.2: no implicit grant; the error goes back to the (registered) redirect URI.
+    status, location, _ = await browser.get(
+        "/authorize?response_type=token&client_id=demo-spa&scope=openid&state=s&redirect_uri="
+        + SPA_CALLBACK
+    )
+    assert status == 302 and "error=unsupported_response_type" in location

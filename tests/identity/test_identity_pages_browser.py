@@ -21,6 +21,7 @@ from identity.hub import IdentitySettings
 
 pytest.register_assert_rewrite("tests.browser")
 from tests.browser import virtual_authenticator  # noqa: E402
+from tests.conftest import service  # noqa: E402
 from tests.identity.conftest import CALLBACK, basic, demo_secret, pkce, totp_now  # noqa: E402
 
 pytest_plugins = ["tests.browser"]
@@ -46,6 +47,7 @@ class RelyingParty:
     def __init__(self, hub: RunningIdentity) -> None:
         self.hub = hub
         self.codes: list[str] = []
+        self.access_token = ""
 
     async def attach(self, page: Page) -> None:
         async def callback(route: Route) -> None:
@@ -84,6 +86,7 @@ class RelyingParty:
         ):
             body = await r.json()
             assert r.status == 200, body
+        self.access_token = body["access_token"]
         return jwt.decode(body["id_token"], options={"verify_signature": False})
 
 
@@ -93,9 +96,23 @@ async def _password(page: Page, username: str, password: str) -> None:
     await page.click("#submit")
 
 
+async def _call_gateway(url: str, token: str) -> tuple[int, str]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(url, headers={"Authorization": f"Bearer {token}"}) as r,
+    ):
+        return r.status, r.headers.get("WWW-Authenticate", "")
+
+
 async def test_step_up_from_level_one_to_level_three_in_chromium(
-    hub: RunningIdentity, page: Page
+    hub: RunningIdentity, page: Page, upstreams: Any, gateway_factory: Any
 ) -> None:
+    """The loop of issue #3's acceptance, in a real browser: a level-1 token on a level-3 route
+    gets the RFC 9470 challenge; the app re-authorizes with the challenge's acr_values; the person
+    adds only the second factor and real-name verification; the new token passes."""
+    up = await upstreams("permits")
+    route = {"name": "apply", "match": {"pathPrefix": "/permits/"}, "auth": {"minTrustLevel": 3}}
+    gw = await gateway_factory([service("permits", [up.url], [route])], issuer=hub.issuer)
     rp = RelyingParty(hub)
     await rp.attach(page)
     first = pkce()
@@ -105,9 +122,12 @@ async def test_step_up_from_level_one_to_level_three_in_chromium(
     await page.click("#allow")
     await page.wait_for_selector("#rp")
     assert (await rp.tokens(first[0]))["acr"] == "urn:cityplane:loa:1"
+    status, challenge = await _call_gateway(gw.url + "/permits/new", rp.access_token)
+    assert status == 401 and 'error="insufficient_user_authentication"' in challenge
+    acr = challenge.split('acr_values="')[1].split('"')[0]
 
     second = pkce()
-    await page.goto(rp.authorize_url(second, acr_values="urn:cityplane:loa:3"))
+    await page.goto(rp.authorize_url(second, acr_values=acr))
     # no password again: the page asks for one more factor, the person picks the app code
     await page.click("#method-otp")
     await page.fill("#code", totp_now("citizen2"))
@@ -119,6 +139,7 @@ async def test_step_up_from_level_one_to_level_three_in_chromium(
     claims = await rp.tokens(second[0])
     assert claims["acr"] == "urn:cityplane:loa:3"
     assert {"pwd", "otp"} <= set(claims["amr"])
+    assert (await _call_gateway(gw.url + "/permits/new", rp.access_token))[0] == 200
 
 
 async def test_wrong_resident_id_is_explained_on_the_page(hub: RunningIdentity, page: Page) -> None:
