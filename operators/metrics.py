@@ -21,7 +21,7 @@ class OperatorMetrics:
         self.registry = CollectorRegistry()
         self.reconciles = Counter(
             "cityplane_operator_reconciles_total",
-            "Reconciles of CityApps by handler and result (ok, retry, invalid)",
+            "Reconciles of CityApps and CityServices by handler and result (ok, retry, invalid)",
             ["handler", "result"],
             registry=self.registry,
         )
