@@ -26,6 +26,7 @@ from gateway.accesslog import AccessLog
 from gateway.compiler import Compiler, ConfigError, PolicyContext
 from gateway.connections import GatewayLimits, make_server
 from gateway.forwarding import TrustedProxies
+from gateway.heap import FrozenHeap
 from gateway.jwks import TokenVerifier
 from gateway.policies.ratelimit_store import LocalStore, RedisStore
 from gateway.registry_source import RegistrySource
@@ -82,6 +83,9 @@ class Gateway:
         self._access_sink: IO[str] | None = None
         self.access_log: AccessLog | None = None
         self.path: RequestPath | None = None
+        # Refrozen after a reload once retired clusters are closed (_retire waits at most
+        # drain_timeout + 1 s).
+        self.heap = FrozenHeap(settle=settings.drain_timeout + 2.0)
         self.port: int = settings.port
         self.status_port: int | None = settings.status_port
         self.source: ConfigSource
@@ -173,6 +177,7 @@ class Gateway:
             self._tasks.append(asyncio.create_task(self._watch(), name="config-watch"))
         # Following a registry, the gateway is ready once it holds a snapshot (live or saved).
         self.ready = self.source.ready
+        self.heap.freeze()  # everything so far lives as long as the process (gateway/heap.py)
         log.info(
             "gateway listening on %s:%d (status %s), %d routes",
             s.host,
@@ -188,6 +193,7 @@ class Gateway:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.heap.close()
         await self.source.close()
         if self._listener is not None:
             self._listener.close()
@@ -237,6 +243,7 @@ class Gateway:
                 await cluster.start()
             assert self.path is not None
             self.path.table = result.table  # the atomic swap
+            self.heap.reloaded()
             self.revision = revision
             metrics.CONFIG_REVISION.set(revision)
             if self.source.ready and not self.draining:
