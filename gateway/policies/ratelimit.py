@@ -41,6 +41,7 @@ POLICY_NAME = "default"
 # Values a client controls (header values, consumer ids) longer than this are hashed, so a
 # key in Redis or in the local dict never grows with the request.
 MAX_KEY_PART = 128
+_SHORT_IP = MAX_KEY_PART - len("ip:")  # client addresses up to this long are used as they are
 
 
 def rate_limit_key(route_id: str, part: str) -> str:
@@ -88,6 +89,7 @@ class RateLimitPolicy:
 
     __slots__ = (
         "_header",
+        "_ip_prefix",
         "_key",
         "_limit",
         "_local",
@@ -126,6 +128,7 @@ class RateLimitPolicy:
         }
         self._key = key_of[kind]
         self._header = header
+        self._ip_prefix = f"{route_id}|ip:"
 
     # --- who is counted ------------------------------------------------------------------
 
@@ -136,7 +139,10 @@ class RateLimitPolicy:
         return rate_limit_key(self._route_id, "consumer:" + consumer)
 
     def _ip_key(self, exchange: Exchange) -> str:
-        return rate_limit_key(self._route_id, "ip:" + exchange.client_ip)
+        ip = exchange.client_ip
+        if len(ip) <= _SHORT_IP:  # what rate_limit_key would build, without its call
+            return self._ip_prefix + ip
+        return rate_limit_key(self._route_id, "ip:" + ip)
 
     def _route_key(self, exchange: Exchange) -> str:
         return rate_limit_key(self._route_id, "route")
