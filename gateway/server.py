@@ -110,19 +110,17 @@ class RequestPath:
             hist = self._durations[key] = metrics.REQUEST_DURATION.labels(*key)
         hist.observe(elapsed)
         if self.access_log is not None:
-            self.access_log.record(
-                {
-                    "ts": round(time.time(), 3),
-                    "request_id": request_id,
-                    "client": client_ip,
-                    "method": request.method,
-                    "path": request.raw_path,
-                    "status": status,
-                    "duration_ms": round(elapsed * 1000, 3),
-                    "service": key[0],
-                    "route": key[1],
-                    "upstream": upstream,
-                }
+            self.access_log.record_request(
+                round(time.time(), 3),
+                request_id,
+                client_ip,
+                request.method,
+                request.raw_path,
+                status,
+                round(elapsed * 1000, 3),
+                key[0],
+                key[1],
+                upstream,
             )
 
     # -- the request path -------------------------------------------------------------------------
