@@ -108,31 +108,36 @@ def upstream_headers(
     out: list[tuple[str, str]] = []
     prior_xff: list[str] = []
     prior_fwd: list[str] = []
+    kinds = _RAW_NAMES
     for raw_name, raw_value in raw_headers:
-        name = raw_name.decode("latin-1")
-        lname = name.lower()
-        if lname in HOP_BY_HOP:
+        known = kinds.get(raw_name)
+        if known is None:
+            known = _classify(raw_name)
+        name, lname, kind = known
+        if kind == _FORWARD:
+            out.append((name, raw_value.decode("latin-1")))
+            continue
+        if kind == _DROP:
+            continue
+        if kind == _HOP:
             if lname == "connection":
                 connection_named.update(
                     t.strip().lower() for t in raw_value.decode("latin-1").split(",")
                 )
             continue
-        if lname in FORWARDING:
-            if peer_trusted:
-                if lname == "x-forwarded-for":
-                    prior_xff.append(raw_value.decode("latin-1"))
-                elif lname == "forwarded":
-                    prior_fwd.append(raw_value.decode("latin-1"))
-                else:
-                    out.append((name, raw_value.decode("latin-1")))
-            continue
-        if lname.startswith(IDENTITY_PREFIX) or lname in GATEWAY_SET:
-            continue
-        out.append((name, raw_value.decode("latin-1")))
+        # kind == _FORWARDING
+        if peer_trusted:
+            if lname == "x-forwarded-for":
+                prior_xff.append(raw_value.decode("latin-1"))
+            elif lname == "forwarded":
+                prior_fwd.append(raw_value.decode("latin-1"))
+            else:
+                out.append((name, raw_value.decode("latin-1")))
     if connection_named:
         out = [(n, v) for n, v in out if n.lower() not in connection_named]
-    xff = ", ".join([*prior_xff, peer])
-    fwd = ", ".join([*prior_fwd, f"for={_forwarded_node(peer)};host={_quote(host)};proto={scheme}"])
+    this_hop = _forwarded_element(peer, host, scheme)
+    xff = ", ".join([*prior_xff, peer]) if prior_xff else peer
+    fwd = ", ".join([*prior_fwd, this_hop]) if prior_fwd else this_hop
     out.append(("X-Forwarded-For", xff))
     if not (peer_trusted and any(n.lower() == "x-forwarded-proto" for n, _ in out)):
         out.append(("X-Forwarded-Proto", scheme))
@@ -140,6 +145,37 @@ def upstream_headers(
         out.append(("X-Forwarded-Host", host))
     out.append(("Forwarded", fwd))
     return out
+
+
+# What a client's field name is to the proxy, by its raw bytes: (name, lower-case name, kind).
+# Clients send the same few names over and over; a bounded cache makes the classification one
+# dict probe per field instead of a decode, a lower() and up to four set lookups.
+_FORWARD, _DROP, _HOP, _FORWARDING = 0, 1, 2, 3
+_RAW_NAMES: dict[bytes, tuple[str, str, int]] = {}
+_RAW_NAMES_MAX = 4096
+
+
+def _classify(raw_name: bytes) -> tuple[str, str, int]:
+    name = raw_name.decode("latin-1")
+    lname = name.lower()
+    if lname in HOP_BY_HOP:
+        kind = _HOP
+    elif lname in FORWARDING:
+        kind = _FORWARDING
+    elif lname.startswith(IDENTITY_PREFIX) or lname in GATEWAY_SET:
+        kind = _DROP
+    else:
+        kind = _FORWARD
+    known = (name, lname, kind)
+    if len(_RAW_NAMES) < _RAW_NAMES_MAX:
+        _RAW_NAMES[raw_name] = known
+    return known
+
+
+@functools.lru_cache(maxsize=1024)
+def _forwarded_element(peer: str, host: str, scheme: str) -> str:
+    """This hop's ``Forwarded`` element (RFC 7239 §4): the same for every request of a peer."""
+    return f"for={_forwarded_node(peer)};host={_quote(host)};proto={scheme}"
 
 
 @functools.lru_cache(maxsize=1024)
