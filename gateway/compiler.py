@@ -13,16 +13,18 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC
 from email.utils import format_datetime
+from typing import TYPE_CHECKING
 
 from cityplane.schema import CityService, Route
-from gateway.jwks import TokenVerifier
-from gateway.policies.auth import AuthPolicy
 from gateway.policies.base import Policy
 from gateway.policies.ratelimit import RateLimitPolicy
 from gateway.policies.ratelimit_store import LocalStore, RateLimitStore
 from gateway.routing import CompiledRoute, RoutingConflict, RoutingTable, prefix_key
 from gateway.upstream.breaker import SharedBreakerState
 from gateway.upstream.cluster import UpstreamCluster
+
+if TYPE_CHECKING:
+    from gateway.jwks import TokenVerifier
 
 
 class ConfigError(ValueError):
@@ -124,6 +126,11 @@ class Compiler:
                     f"service {service!r} route {route.name!r} has 'auth' but the gateway has "
                     "no token issuer: set --issuer URL (or CITYPLANE_ISSUER)"
                 )
+            # Here, not at the top: it pulls in PyJWT and cryptography, which a gateway without
+            # routes with auth does not need (RSS per worker, issue #6); a verifier exists, so
+            # they are loaded already.
+            from gateway.policies.auth import AuthPolicy
+
             try:
                 chain.append(AuthPolicy(route_id, route.auth, verifier))
             except ValueError as exc:

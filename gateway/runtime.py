@@ -16,7 +16,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -27,7 +27,6 @@ from gateway.compiler import Compiler, ConfigError, PolicyContext
 from gateway.connections import GatewayLimits, make_server
 from gateway.forwarding import TrustedProxies
 from gateway.heap import FrozenHeap
-from gateway.jwks import TokenVerifier
 from gateway.policies.ratelimit_store import LocalStore, RedisStore
 from gateway.registry_source import RegistrySource
 from gateway.routing import RoutingTable
@@ -37,6 +36,9 @@ from gateway.status import status_app
 from gateway.tracing import Tracing
 from gateway.upstream.breaker import SharedBreakerState
 from gateway.upstream.cluster import UpstreamCluster
+
+if TYPE_CHECKING:
+    from gateway.jwks import TokenVerifier
 
 log = logging.getLogger("cityplane.gateway")
 
@@ -122,6 +124,10 @@ class Gateway:
             )
             await self._shared.start()
         if s.issuer:
+            # PyJWT and cryptography (~20 MB of RSS per worker, issue #6) only when tokens
+            # are checked; likewise redis above only with a Redis URL.
+            from gateway.jwks import TokenVerifier
+
             self.verifier = TokenVerifier(s.issuer, jwks_url=s.jwks_url, audience=s.audience)
         elif s.jwks_url:
             raise ConfigError("a JWKS URL needs the issuer too (tokens' iss is checked)")

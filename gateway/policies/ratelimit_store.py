@@ -22,14 +22,14 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple, Protocol
-
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from gateway import metrics
+
+if TYPE_CHECKING:
+    # redis (~20 MB of RSS with its dependencies) is imported only by a gateway that has a
+    # Redis URL: RSS per worker, issue #6.
+    from redis.asyncio import Redis
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +265,9 @@ class _Script:
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
     async def __call__(self, client: Redis, keys: Sequence[str], *args: Any) -> Any:
+        # A client exists, so redis is loaded: this import is a sys.modules lookup.
+        from redis.exceptions import NoScriptError
+
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
@@ -332,6 +335,10 @@ class RedisStore:
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.1, **options: Any) -> RedisStore:
         """A store with its own client tuned for the request path (no retries, short timeouts)."""
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
         client = Redis.from_url(
             url,
             socket_timeout=timeout,

@@ -12,13 +12,25 @@ touches memory. Why and how: docs/adr/0004-breaker-adapter.md.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import pybreaker
-
 from gateway import metrics
+
+# pybreaker imports redis when it can, for its CircuitRedisStorage, which is not used (above).
+# redis and what it pulls in cost ~20 MB of RSS per worker (issue #6: 80 MB with 1,000 routes),
+# so it is hidden while pybreaker loads (a None entry makes `import redis` fail there) unless
+# something loaded it already; the gateway imports redis itself when it has a Redis URL.
+_HIDE_REDIS = "redis" not in sys.modules
+if _HIDE_REDIS:
+    sys.modules["redis"] = None  # type: ignore[assignment]
+try:
+    import pybreaker
+finally:
+    if _HIDE_REDIS and sys.modules.get("redis", 0) is None:
+        del sys.modules["redis"]
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager

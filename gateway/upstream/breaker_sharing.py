@@ -17,8 +17,6 @@ import time
 import uuid
 from typing import TYPE_CHECKING, NamedTuple
 
-from redis.exceptions import RedisError
-
 from gateway.upstream.breaker import UpstreamBreaker
 
 if TYPE_CHECKING:
@@ -57,7 +55,16 @@ redis.call('PUBLISH', ARGV[1], out)
 return out
 """
 
-_REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+
+def _redis_errors() -> tuple[type[Exception], ...]:
+    """What a Redis round trip may raise. redis is imported here, not at the top: only a
+    gateway with a Redis URL loads it (RSS per worker, issue #6), and only such a gateway has a
+    SharedBreakerState, so this is a sys.modules lookup."""
+    from redis.exceptions import RedisError
+
+    return (RedisError, OSError, TimeoutError)
+
+
 _OP_TIMEOUT = 1.0  # bound on a background Redis round trip
 _RESYNC_INTERVAL = 5.0  # re-read states even without events: catches missed messages
 _RECONNECT_MAX = 1.0
@@ -136,7 +143,7 @@ class SharedBreakerState:
         pubsub: PubSub | None
         try:
             pubsub = await self._connect()
-        except _REDIS_ERRORS as exc:
+        except _redis_errors() as exc:
             self._warn(exc)
             pubsub = None
         self._tasks = [
@@ -183,7 +190,7 @@ class SharedBreakerState:
             if pubsub is None:
                 try:
                     pubsub = await self._connect()
-                except _REDIS_ERRORS as exc:
+                except _redis_errors() as exc:
                     self._warn(exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, _RECONNECT_MAX)
@@ -191,7 +198,7 @@ class SharedBreakerState:
             delay = 0.05
             try:
                 await self._relay(pubsub)
-            except _REDIS_ERRORS as exc:
+            except _redis_errors() as exc:
                 self._warn(exc)
             finally:
                 await _close_quietly(pubsub)
@@ -221,7 +228,7 @@ class SharedBreakerState:
             try:
                 async with asyncio.timeout(_OP_TIMEOUT):
                     await self._flush()
-            except _REDIS_ERRORS as exc:
+            except _redis_errors() as exc:
                 self._warn(exc)
                 # Failure counts are only worth something fresh: drop them. Announcements stay
                 # queued; they are dropped when sent if their breaker has moved on meanwhile.
@@ -337,7 +344,7 @@ class SharedBreakerState:
 
 async def _close_quietly(pubsub: PubSub) -> None:
     # Closing a subscription whose connection is already gone may fail the same way.
-    with contextlib.suppress(*_REDIS_ERRORS):
+    with contextlib.suppress(*_redis_errors()):
         await pubsub.aclose()
 
 
