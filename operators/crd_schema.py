@@ -143,14 +143,10 @@ def _finish(out: dict[str, Any], path: str) -> dict[str, Any]:
     return out
 
 
-def cityservice_openapi_schema() -> dict[str, Any]:
-    """``openAPIV3Schema`` of a CityService: its ``spec`` from ServiceSpec, a free ``status``."""
-    schema = service_json_schema()
-    defs = schema.get("$defs", {})
-    spec = structural(schema["properties"]["spec"], defs, "/spec")
+def _resource_schema(description: str, spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "type": "object",
-        "description": "A city service (external or legacy API) routed by the CityPlane gateway.",
+        "description": description,
         "required": ["spec"],
         "properties": {
             "apiVersion": {"type": "string"},
@@ -158,10 +154,21 @@ def cityservice_openapi_schema() -> dict[str, Any]:
             # The CR's metadata is Kubernetes' ObjectMeta, validated by the API server itself.
             "metadata": {"type": "object"},
             "spec": spec,
-            # Status is written by the operator only; its shape is not fixed yet.
+            # Written by the operator only (operators/status.py): observedGeneration,
+            # conditions, …; kept open so a newer operator can add fields without a CRD upgrade.
             "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
         },
     }
+
+
+def cityservice_openapi_schema() -> dict[str, Any]:
+    """``openAPIV3Schema`` of a CityService: its ``spec`` from ServiceSpec, a free ``status``."""
+    schema = service_json_schema()
+    defs = schema.get("$defs", {})
+    spec = structural(schema["properties"]["spec"], defs, "/spec")
+    return _resource_schema(
+        "A city service (external or legacy API) routed by the CityPlane gateway.", spec
+    )
 
 
 def cityservice_crd() -> dict[str, Any]:
@@ -271,20 +278,9 @@ def cityapp_openapi_schema() -> dict[str, Any]:
     spec = _without_nullable(structural(schema["properties"]["spec"], schema["$defs"], "/spec"))
     for path, rules in CITYAPP_RULES.items():
         _node_at(spec, path)["x-kubernetes-validations"] = copy.deepcopy(rules)
-    return {
-        "type": "object",
-        "description": "An app plugged into the city: workload, gateway routes and OIDC client.",
-        "required": ["spec"],
-        "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
-            "metadata": {"type": "object"},
-            "spec": spec,
-            # Written by the operator only (operators/status.py): observedGeneration, url,
-            # conditions; kept open so a newer operator can add fields without a CRD upgrade.
-            "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-        },
-    }
+    return _resource_schema(
+        "An app plugged into the city: workload, gateway routes and OIDC client.", spec
+    )
 
 
 def cityapp_crd() -> dict[str, Any]:
