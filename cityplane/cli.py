@@ -200,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML: upstream OIDC providers as sign-in methods ({providers: [...]})",
     )
     idp.add_argument("--demo", action="store_true", help="create the demo accounts and clients")
+    idp.add_argument(
+        "--audience",
+        action="append",
+        default=[a for a in (_env("AUDIENCE") or "").split(",") if a],
+        metavar="AUD",
+        help="access tokens' aud: a resource server's identifier (repeatable; default: the client)",
+    )
     idp.add_argument("--otlp-endpoint", default=_env("OTLP_ENDPOINT"), help="traces (OTLP/HTTP)")
     add_operator_parser(sub)
     sub.add_parser("version", help="print the version")
@@ -439,6 +446,7 @@ def _run_identity(args: argparse.Namespace) -> int:
         federation=federation,
         demo=args.demo,
         otlp_endpoint=args.otlp_endpoint,
+        audiences=args.audience,
     )
     try:
         run(settings)

@@ -23,6 +23,9 @@ from aiohttp import web
 
 from cityplane.cli import CliError
 
+GATEWAY_AUDIENCE = "urn:cityplane:gateway"
+REGISTRY_AUDIENCE = "urn:cityplane:registry"
+
 
 def _bus_app(instance: str) -> web.Application:
     async def arrivals(request: web.Request) -> web.Response:
@@ -213,12 +216,23 @@ async def _demo(args: argparse.Namespace) -> None:
             await r.cleanup()
 
     try:
+        # Access tokens name the resource servers they are for (RFC 9068 §3), and each checks it.
         hub = await start_identity(
-            IdentitySettings(host=args.host, port=args.identity_port, data_dir=data_dir, demo=True)
+            IdentitySettings(
+                host=args.host,
+                port=args.identity_port,
+                data_dir=data_dir,
+                demo=True,
+                audiences=[GATEWAY_AUDIENCE, REGISTRY_AUDIENCE],
+            )
         )
         registry = await start_registry(
             RegistrySettings(
-                host=args.host, port=args.registry_port, data_dir=data_dir, issuer=hub.issuer
+                host=args.host,
+                port=args.registry_port,
+                data_dir=data_dir,
+                issuer=hub.issuer,
+                audience=REGISTRY_AUDIENCE,
             )
         )
         await _seed(registry, services)
@@ -232,6 +246,7 @@ async def _demo(args: argparse.Namespace) -> None:
                 registry_token=registry.admin_token,
                 state_dir=data_dir / "gateway",
                 issuer=hub.issuer,
+                audience=GATEWAY_AUDIENCE,
             )
         )
         await gateway.start()

@@ -303,6 +303,7 @@ async def start_identity(settings: IdentitySettings) -> RunningIdentity:
                 code_ttl=settings.code_ttl,
                 id_token_ttl=settings.id_token_ttl,
                 userinfo=None,
+                audiences=settings.audiences,
             ),
             audit=audit,
             policy=policy,

@@ -39,6 +39,7 @@ class IdentitySettings:
     trust_config: dict[str, Any] | None = None  # levels: see docs/trust-levels.md
     signing_alg: str = "ES256"
     access_token_ttl: int = 600
+    audiences: list[str] = field(default_factory=list)  # access tokens' aud (resource servers)
     id_token_ttl: int = 600
     refresh_token_ttl: int = 30 * 86400
     code_ttl: int = 60

@@ -110,6 +110,7 @@ class HubAuthorizationServer(AuthorizationServer):
         code_ttl: int,
         id_token_ttl: int,
         userinfo: Any,
+        audiences: list[str] | None = None,
     ) -> None:
         super().__init__(scopes_supported=None)
         self.issuer = issuer
@@ -119,6 +120,9 @@ class HubAuthorizationServer(AuthorizationServer):
         self.code_ttl = code_ttl
         self.id_token_ttl = id_token_ttl
         self.userinfo = userinfo  # (account, scopes) -> claims
+        self.audiences: list[str] | str | None = (
+            audiences[0] if audiences and len(audiences) == 1 else (audiences or None)
+        )
         self.register_token_generator("default", self._generate_token)
         self.register_grant(AuthorizationCodeGrant, [HubOpenIDCode(), CodeChallenge(required=True)])
         self.register_grant(RefreshTokenGrant)
@@ -191,7 +195,9 @@ class HubAuthorizationServer(AuthorizationServer):
         claims: dict[str, Any] = {
             "iss": self.issuer,
             "sub": user.id if user else client.client_id,
-            "aud": client.client_id,
+            # RFC 9068 §3: aud names the resource servers the token is for (the gateway, the
+            # registry) when the hub is told them; otherwise the client itself.
+            "aud": self.audiences or client.client_id,
             "exp": now + ttl,
             "iat": now,
             "jti": jti,

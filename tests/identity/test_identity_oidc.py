@@ -276,3 +276,29 @@ async def test_implicit_flow_is_not_offered(hub: RunningIdentity, browser: FormB
         + SPA_CALLBACK
     )
     assert status == 302 and "error=unsupported_response_type" in location
+
+
+async def test_access_tokens_name_the_configured_resource_servers(tmp_path: Any) -> None:
+    from identity.app import start_identity
+    from identity.hub import IdentitySettings
+
+    hub = await start_identity(
+        IdentitySettings(
+            port=0, data_dir=tmp_path, demo=True, audiences=["urn:a:gateway", "urn:a:registry"]
+        )
+    )
+    try:
+        status, body, _ = await _token(
+            hub, {"grant_type": "client_credentials"}, ("demo-web", demo_secret(hub))
+        )
+        assert status == 200
+        claims = jwt.decode(
+            body["access_token"],
+            await _jwks_key(hub, body["access_token"]),
+            algorithms=["ES256"],
+            audience="urn:a:registry",
+            issuer=hub.issuer,
+        )
+        assert claims["aud"] == ["urn:a:gateway", "urn:a:registry"]
+    finally:
+        await hub.stop()
