@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import resource
 from email.utils import formatdate
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from cityplane.httperrors import parse_error_problem, problem_response
 from cityplane.problem import PROBLEM_CONTENT_TYPE, Problem
 
 log = logging.getLogger("cityplane.gateway")
-
-# aiohttp reports the offending URL (request line) or header value; URLs start with "/".
-_REQUEST_LINE = re.compile(rb"^([A-Z]+ |/|[a-z]+://)")
 
 
 def default_max_connections() -> int:
@@ -89,19 +85,6 @@ class GatewayLimits:
         self.max_connections = (
             max_connections if max_connections is not None else default_max_connections()
         )
-
-
-def problem_response(problem: Problem, request_id: str | None = None) -> web.Response:
-    headers = dict(problem.headers)
-    headers.setdefault("Server", "cityplane")
-    if request_id:
-        headers["X-Request-Id"] = request_id
-    return web.Response(
-        status=problem.status,
-        body=problem.body(),
-        content_type=PROBLEM_CONTENT_TYPE,
-        headers=headers,
-    )
 
 
 def _raw_problem(problem: Problem, extra: str = "") -> bytes:
@@ -200,25 +183,7 @@ class _ProblemRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
-        if isinstance(exc, LineTooLong):
-            line = exc.args[0] if exc.args else b""
-            line = bytes(line) if isinstance(line, bytes | bytearray) else str(line).encode()
-            if _REQUEST_LINE.match(line):
-                problem = Problem(414, "uri-too-long", "the request line is too long")
-            else:
-                problem = Problem(431, "headers-too-large", "a request header is too large")
-        elif isinstance(exc, BadHttpMessage):
-            text = str(getattr(exc, "message", exc))
-            if "too many headers" in text.lower():
-                problem = Problem(431, "headers-too-large", "too many request headers")
-            else:
-                problem = Problem(400, "bad-request", "malformed HTTP request")
-        elif status >= 500:
-            log.error("unhandled error in request handling", exc_info=exc)
-            problem = Problem(status, "internal-error", "the gateway failed to handle this request")
-        else:
-            problem = Problem(status, "bad-request", message or None)
-        resp = problem_response(problem)
+        resp = problem_response(parse_error_problem(exc, status, message, "the gateway"))
         resp.force_close()
         return resp
 

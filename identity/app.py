@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from cityplane.httperrors import ProblemAppRunner
 from cityplane.problem import Problem
 from cityplane.signals import until_stopped
 from cityplane.storage import make_engine, migrate, ping, safe_url
@@ -327,7 +328,7 @@ async def start_identity(settings: IdentitySettings) -> RunningIdentity:
         audit.start()
         if settings.demo:
             await seed_demo(hub)
-        runner = web.AppRunner(build_app(hub), shutdown_timeout=5.0)
+        runner = ProblemAppRunner(build_app(hub), shutdown_timeout=5.0)
         await runner.setup()
         await web.SockSite(runner, sock).start()
         hub.ready = True

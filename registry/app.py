@@ -14,6 +14,7 @@ from aiohttp import web
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cityplane.httperrors import ProblemAppRunner
 from cityplane.signals import until_stopped
 from cityplane.storage import safe_url
 from cityplane.telemetry import tracer_provider, tracing_middleware
@@ -206,7 +207,7 @@ async def start_registry(settings: RegistrySettings) -> RunningRegistry:
         tracer = settings.tracer_provider = tracer_provider(
             "cityplane-registry", settings.otlp_endpoint
         )
-    runner = web.AppRunner(build_app(state, authenticator, tracer), shutdown_timeout=5.0)
+    runner = ProblemAppRunner(build_app(state, authenticator, tracer), shutdown_timeout=5.0)
     try:
         if hub is not None:
             await hub.start()  # one JWKS fetch now; without it hub tokens get a 503 for a while

@@ -172,3 +172,25 @@ async def test_an_engineer_acting_for_an_organization_manages_only_its_services(
     )
     status, problem = await _call("PUT", f"{registry.url}/v1/services/buses", as_engineer, buses)
     assert status == 403 and "org-transport" in problem["detail"]
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "slug"),
+    [
+        ("/authorize?x=" + "a" * 9000, {}, 414, "uri-too-long"),
+        ("/healthz", {"X-Big": "b" * 9000}, 431, "headers-too-large"),
+    ],
+)
+async def test_oversized_requests_get_problem_json_not_a_traceback(
+    hub: RunningIdentity,
+    path: str,
+    headers: dict[str, str],
+    status: int,
+    slug: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with aiohttp.ClientSession() as http, http.get(hub.issuer + path, headers=headers) as r:
+        assert r.status == status
+        assert r.content_type == "application/problem+json"
+        assert (await r.json())["type"].endswith(slug)
+    assert "Traceback" not in caplog.text and "Error handling request" not in caplog.text

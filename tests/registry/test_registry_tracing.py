@@ -35,3 +35,15 @@ async def test_registry_request_becomes_a_server_span_in_the_callers_trace(tmp_p
     (span,) = [s for s in exporter.get_finished_spans() if s.name == "GET /v1/services"]
     assert f"{span.context.trace_id:032x}" == trace_id
     assert span.attributes["http.response.status_code"] == 200
+
+
+async def test_an_oversized_request_line_is_a_414_problem(tmp_path: Path) -> None:
+    registry = await start_registry(RegistrySettings(port=0, data_dir=tmp_path))
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(registry.url + "/v1/services?x=" + "a" * 9000) as r,
+        ):
+            assert r.status == 414 and r.content_type == "application/problem+json"
+    finally:
+        await registry.stop()
