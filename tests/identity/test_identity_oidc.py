@@ -302,3 +302,14 @@ async def test_access_tokens_name_the_configured_resource_servers(tmp_path: Any)
         assert claims["aud"] == ["urn:a:gateway", "urn:a:registry"]
     finally:
         await hub.stop()
+
+
+def test_authlib_json_requests_are_adapted_too() -> None:
+    from identity.oidc.server import HubRequest
+
+    request = HubRequest("POST", "https://id.example/register", {}, [], [("client_name", "x")])
+    server = object.__new__(
+        __import__("identity.oidc.server", fromlist=["x"]).HubAuthorizationServer
+    )
+    json_request = server.create_json_request(request)
+    assert json_request.payload.data == {"client_name": "x"}
