@@ -172,6 +172,50 @@ class FormBrowser:
         raise AssertionError(f"never finished: {walk.steps} {walk.messages[:3]} at {location}")
 
 
+async def redeem(hub: RunningIdentity, code: str, verifier: str) -> dict[str, Any]:
+    """demo-web exchanges an authorization code (client_secret_basic + PKCE) for tokens."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{hub.issuer}/token",
+            headers=basic("demo-web", demo_secret(hub)),
+            data={
+                "grant_type": "authorization_code",
+                "code": code,
+                "redirect_uri": CALLBACK,
+                "code_verifier": verifier,
+            },
+        ) as r,
+    ):
+        body = await r.json()
+        assert r.status == 200, body
+        return dict(body)
+
+
+async def sign_in(
+    hub: RunningIdentity,
+    browser: FormBrowser,
+    answers: dict[str, Any],
+    *,
+    scope: str = "openid",
+    **extra: str,
+) -> tuple[Walk, dict[str, Any]]:
+    """demo-web signs a person in (code + PKCE S256) and redeems the code: (walk, tokens)."""
+    verifier, challenge = pkce()
+    walk = await browser.authorize(
+        answers,
+        response_type="code",
+        client_id="demo-web",
+        redirect_uri=CALLBACK,
+        scope=scope,
+        code_challenge=challenge,
+        code_challenge_method="S256",
+        **extra,
+    )
+    assert "code" in walk.query, walk.location
+    return walk, await redeem(hub, walk.query["code"], verifier)
+
+
 @pytest.fixture
 async def browser(hub: RunningIdentity) -> AsyncIterator[FormBrowser]:
     b = FormBrowser(hub.issuer)

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 
 from identity.app import RunningIdentity
-from tests.identity.conftest import CALLBACK, FormBrowser, basic, demo_secret, pkce
+from tests.identity.conftest import CALLBACK, FormBrowser, pkce, sign_in
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -70,32 +70,15 @@ async def test_citizen_adds_an_authenticator_app_and_it_works_for_step_up(
 async def test_account_page_shows_which_apps_read_my_data_and_consent_can_be_revoked(
     hub: RunningIdentity, browser: FormBrowser
 ) -> None:
-    verifier, challenge = pkce()
-    walk = await browser.authorize(
-        {"password": ("citizen1", "demo-citizen-1")},
-        response_type="code",
-        client_id="demo-web",
-        redirect_uri=CALLBACK,
-        scope="openid profile",
-        code_challenge=challenge,
-        code_challenge_method="S256",
+    _, tokens = await sign_in(
+        hub, browser, {"password": ("citizen1", "demo-citizen-1")}, scope="openid profile"
     )
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{hub.issuer}/token",
-            headers=basic("demo-web", demo_secret(hub)),
-            data={
-                "grant_type": "authorization_code",
-                "code": walk.query["code"],
-                "redirect_uri": CALLBACK,
-                "code_verifier": verifier,
-            },
-        ) as r:
-            access = (await r.json())["access_token"]
-        async with http.get(
-            f"{hub.issuer}/userinfo", headers={"Authorization": f"Bearer {access}"}
-        ) as r:
-            assert r.status == 200
+    access = tokens["access_token"]
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{hub.issuer}/userinfo", headers={"Authorization": f"Bearer {access}"}) as r,
+    ):
+        assert r.status == 200
     status, _, page = await browser.get("/account")
     assert status == 200
     log = page[page.index('id="access-log"') :]
@@ -115,7 +98,7 @@ async def test_account_page_shows_which_apps_read_my_data_and_consent_can_be_rev
         client_id="demo-web",
         redirect_uri=CALLBACK,
         scope="openid profile",
-        code_challenge=challenge,
+        code_challenge=pkce()[1],
         code_challenge_method="S256",
     )
     assert walk.steps == ["consent"]

@@ -15,7 +15,7 @@ import pytest
 from identity.app import RunningIdentity
 from registry.app import RegistrySettings, RunningRegistry, start_registry
 from tests.conftest import service
-from tests.identity.conftest import CALLBACK, FormBrowser, basic, demo_secret, pkce
+from tests.identity.conftest import CALLBACK, FormBrowser, basic, demo_secret, sign_in
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -131,30 +131,13 @@ async def test_an_engineer_acting_for_an_organization_manages_only_its_services(
     )
     assert status == 200 and member["roles"] == ["developer"]
 
-    verifier, challenge = pkce()
-    walk = await browser.authorize(
+    _, tokens = await sign_in(
+        hub,
+        browser,
         {"password": ("engineer", "a-long-river-stone-93"), "consent": "org-water"},
-        response_type="code",
-        client_id="demo-web",
-        redirect_uri=CALLBACK,
         scope="openid registry:write",
-        code_challenge=challenge,
-        code_challenge_method="S256",
     )
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"{hub.issuer}/token",
-            headers=basic("demo-web", demo_secret(hub)),
-            data={
-                "grant_type": "authorization_code",
-                "code": walk.query["code"],
-                "redirect_uri": CALLBACK,
-                "code_verifier": verifier,
-            },
-        ) as r,
-    ):
-        token = (await r.json())["access_token"]
+    token = tokens["access_token"]
     claims = jwt.decode(token, options={"verify_signature": False})
     assert claims["org"] == "org-water" and claims["org_roles"] == ["developer"]
 

@@ -10,7 +10,14 @@ import jwt
 import pytest
 
 from identity.app import RunningIdentity
-from tests.identity.conftest import CALLBACK, SPA_CALLBACK, FormBrowser, basic, demo_secret, pkce
+from tests.identity.conftest import (
+    SPA_CALLBACK,
+    FormBrowser,
+    basic,
+    demo_secret,
+    pkce,
+    sign_in,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -144,27 +151,10 @@ async def test_unregistered_redirect_uri_is_never_redirected_to(
 async def test_refresh_rotates_and_a_reused_refresh_token_revokes_the_family(
     hub: RunningIdentity, browser: FormBrowser
 ) -> None:
-    verifier, challenge = pkce()
-    walk = await browser.authorize(
-        {"password": ("citizen1", "demo-citizen-1")},
-        response_type="code",
-        client_id="demo-web",
-        redirect_uri=CALLBACK,
-        scope="openid offline_access",
-        code_challenge=challenge,
-        code_challenge_method="S256",
+    _, first = await sign_in(
+        hub, browser, {"password": ("citizen1", "demo-citizen-1")}, scope="openid offline_access"
     )
     auth = ("demo-web", demo_secret(hub))
-    _, first, _ = await _token(
-        hub,
-        {
-            "grant_type": "authorization_code",
-            "code": walk.query["code"],
-            "redirect_uri": CALLBACK,
-            "code_verifier": verifier,
-        },
-        auth,
-    )
     status, second, _ = await _token(
         hub, {"grant_type": "refresh_token", "refresh_token": first["refresh_token"]}, auth
     )
@@ -187,27 +177,10 @@ async def test_refresh_rotates_and_a_reused_refresh_token_revokes_the_family(
 async def test_userinfo_introspection_and_revocation(
     hub: RunningIdentity, browser: FormBrowser
 ) -> None:
-    verifier, challenge = pkce()
-    walk = await browser.authorize(
-        {"password": ("citizen1", "demo-citizen-1")},
-        response_type="code",
-        client_id="demo-web",
-        redirect_uri=CALLBACK,
-        scope="openid profile email",
-        code_challenge=challenge,
-        code_challenge_method="S256",
+    _, tokens = await sign_in(
+        hub, browser, {"password": ("citizen1", "demo-citizen-1")}, scope="openid profile email"
     )
     auth = ("demo-web", demo_secret(hub))
-    _, tokens, _ = await _token(
-        hub,
-        {
-            "grant_type": "authorization_code",
-            "code": walk.query["code"],
-            "redirect_uri": CALLBACK,
-            "code_verifier": verifier,
-        },
-        auth,
-    )
     bearer = {"Authorization": f"Bearer {tokens['access_token']}"}
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{hub.issuer}/userinfo", headers=bearer) as r:

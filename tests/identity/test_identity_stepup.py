@@ -14,48 +14,17 @@ import pytest
 from identity.app import RunningIdentity
 from identity.demo import DEMO_ACCOUNTS
 from tests.conftest import service
-from tests.identity.conftest import CALLBACK, FormBrowser, basic, demo_secret, pkce
+from tests.identity.conftest import CALLBACK, FormBrowser, basic, pkce, sign_in
 
 pytestmark = pytest.mark.timeout(60)
 CITIZEN2 = next(a for a in DEMO_ACCOUNTS if a["username"] == "citizen2")
 REALNAME = (CITIZEN2["real_name"], CITIZEN2["resident_id"])
 
 
-async def _code_to_tokens(hub: RunningIdentity, code: str, verifier: str) -> dict[str, Any]:
-    async with (
-        aiohttp.ClientSession() as http,
-        http.post(
-            f"{hub.issuer}/token",
-            data={
-                "grant_type": "authorization_code",
-                "code": code,
-                "redirect_uri": CALLBACK,
-                "code_verifier": verifier,
-            },
-            headers=basic("demo-web", demo_secret(hub)),
-        ) as r,
-    ):
-        body = await r.json()
-        assert r.status == 200, body
-        return dict(body)
-
-
 async def _sign_in(
     hub: RunningIdentity, browser: FormBrowser, answers: dict[str, Any], **extra: str
 ) -> tuple[list[str], dict[str, Any]]:
-    verifier, challenge = pkce()
-    walk = await browser.authorize(
-        answers,
-        response_type="code",
-        client_id="demo-web",
-        redirect_uri=CALLBACK,
-        scope="openid profile bus:read",
-        code_challenge=challenge,
-        code_challenge_method="S256",
-        **extra,
-    )
-    assert "code" in walk.query, walk.location
-    tokens = await _code_to_tokens(hub, walk.query["code"], verifier)
+    walk, tokens = await sign_in(hub, browser, answers, scope="openid profile bus:read", **extra)
     return walk.steps, jwt.decode(tokens["access_token"], options={"verify_signature": False}) | {
         "_raw": tokens["access_token"]
     }
