@@ -8,7 +8,7 @@ starts its own server, warms it up, measures, and stops it, so no run inherits t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +93,13 @@ class Campaign:
     ) -> Measurement:
         env = self.env
         port = env.upstream_port if configuration.name == DIRECT else free_port()
+        load = replace(load, headers=tuple(configuration.request_headers(env).items()))
         started = configuration.start(env, port)
         script = self.paced_script if load.delay_ms is not None else self.saturation_script
         measured = started if started is not None else env.upstream
         try:
             if self.plan.warmup > 0:
-                warmup = Load(load.connections, self.plan.warmup, delay_ms=load.delay_ms)
+                warmup = replace(load, duration=self.plan.warmup)
                 run_wrk(warmup, port, script, core=CORE_LOAD)
             user_before, system_before = group_cpu_seconds(measured.pid)
             cores_before = core_times()

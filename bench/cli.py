@@ -26,6 +26,7 @@ from bench.configurations import (
     Configuration,
     Environment,
 )
+from bench.issuer import create_issuer, issuer_url
 from bench.nginx import start_upstream
 from bench.processes import CORE_LOAD, CORE_UNDER_TEST, BenchError, Supervisor, free_port
 from bench.profile import print_profile, record
@@ -164,8 +165,11 @@ def run(args: argparse.Namespace) -> int:
         Supervisor(Path(tmp)) as supervisor,
     ):
         upstream_port = free_port()
+        # gateway-full's issuer: a key of this run, its documents served by the upstream.
+        issuer = create_issuer(issuer_url(upstream_port))
+        issuer.write(supervisor.workdir)
         upstream = start_upstream(supervisor, upstream_port, core=CORE_LOAD)
-        env = Environment(supervisor, upstream, upstream_port, args.redis)
+        env = Environment(supervisor, upstream, upstream_port, args.redis, issuer)
         scripts = write_scripts(supervisor.workdir)
         campaign = Campaign(env, plan, scripts)
         campaign.saturation_rounds()

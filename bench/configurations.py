@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.gateway import start_gateway
+from bench.issuer import BenchIssuer
 from bench.nginx import start_proxy
 from bench.processes import CORE_UNDER_TEST, Supervised, Supervisor
 
@@ -20,6 +21,7 @@ class Environment:
     upstream: Supervised
     upstream_port: int
     redis_url: str
+    issuer: BenchIssuer  # its documents are served by the upstream
 
 
 # Starts the server under test on `port` (or returns None when the upstream itself is measured)
@@ -27,9 +29,15 @@ class Environment:
 Starter = Callable[[Environment, int], Supervised | None]
 # After the server stopped: facts worth keeping about the run (and clean-up of its files).
 Inspector = Callable[[Environment, int], dict[str, Any]]
+# Headers wrk sends with every request to this configuration.
+RequestHeaders = Callable[[Environment], dict[str, str]]
 
 
 def _nothing(env: Environment, port: int) -> dict[str, Any]:
+    return {}
+
+
+def _no_headers(env: Environment) -> dict[str, str]:
     return {}
 
 
@@ -40,6 +48,7 @@ class Configuration:
     start: Starter
     needs_redis: bool = False
     inspect: Inspector = _nothing
+    request_headers: RequestHeaders = _no_headers
 
 
 def _direct(env: Environment, port: int) -> Supervised | None:
@@ -100,6 +109,25 @@ def _gateway_accesslog(env: Environment, port: int) -> Supervised | None:
     )
 
 
+def _gateway_full(env: Environment, port: int) -> Supervised | None:
+    """Issue #6's chain: routing, the token (signature once, then the verified-token cache),
+    scope and minTrustLevel, rate limit, breaker, metrics, access log."""
+    return start_gateway(
+        env.supervisor,
+        "gateway-full",
+        port,
+        env.upstream_port,
+        rate_limit=True,
+        access_log=str(_access_log_file(env, port)),
+        issuer=env.issuer,
+        core=CORE_UNDER_TEST,
+    )
+
+
+def _bearer_token(env: Environment) -> dict[str, str]:
+    return {"Authorization": env.issuer.authorization}
+
+
 def _count_access_log_lines(env: Environment, port: int) -> dict[str, Any]:
     """Lines written (one per request, warm-up included), then the file goes: it is large."""
     path = _access_log_file(env, port)
@@ -119,6 +147,7 @@ GATEWAY = "gateway"
 GATEWAY_RATELIMIT = "gateway-ratelimit"
 GATEWAY_REDIS = "gateway-redis"
 GATEWAY_ACCESSLOG = "gateway-accesslog"
+GATEWAY_FULL = "gateway-full"
 
 CONFIGURATIONS: tuple[Configuration, ...] = (
     Configuration(DIRECT, "wrk straight to the upstream (ceiling)", _direct),
@@ -132,6 +161,13 @@ CONFIGURATIONS: tuple[Configuration, ...] = (
         "gateway, access log to a file",
         _gateway_accesslog,
         inspect=_count_access_log_lines,
+    ),
+    Configuration(
+        GATEWAY_FULL,
+        "gateway + auth (JWT, scope, minTrustLevel 2) + rateLimit + access log",
+        _gateway_full,
+        inspect=_count_access_log_lines,
+        request_headers=_bearer_token,
     ),
 )
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench.issuer import BenchIssuer
 from bench.processes import Supervised, Supervisor, free_port, wait_until_answers
 
 CITYPLANE = Path(sys.executable).parent / "cityplane"
@@ -23,8 +24,21 @@ RATE_LIMIT: dict[str, Any] = {
 }
 
 
-def service_document(upstream_port: int, *, rate_limit: bool) -> dict[str, Any]:
+# The `auth` block of gateway-full's route: a token with the issuer's scope from a person at
+# trust level 2 or more (the token wrk sends has exactly that, so every request is a 200).
+MIN_TRUST_LEVEL = 2
+
+
+def service_document(
+    upstream_port: int, *, rate_limit: bool, auth_scope: str | None = None
+) -> dict[str, Any]:
     route: dict[str, Any] = {"name": "all", "match": {"pathPrefix": "/"}}
+    if auth_scope is not None:
+        route["auth"] = {
+            "required": True,
+            "scopes": [auth_scope],
+            "minTrustLevel": MIN_TRUST_LEVEL,
+        }
     if rate_limit:
         route["rateLimit"] = RATE_LIMIT
     return {
@@ -47,11 +61,18 @@ def start_gateway(
     rate_limit: bool = False,
     redis_url: str | None = None,
     access_log: str = "off",
+    issuer: BenchIssuer | None = None,
     core: int,
 ) -> Supervised:
+    """``issuer``: the route requires its tokens (``auth``), and the gateway checks them."""
     config = supervisor.workdir / f"{name}-{port}.json"
+    document = service_document(
+        upstream_port,
+        rate_limit=rate_limit,
+        auth_scope=issuer.scope if issuer is not None else None,
+    )
     # JSON is YAML: the documents loader reads it as it is.
-    config.write_text(json.dumps(service_document(upstream_port, rate_limit=rate_limit)))
+    config.write_text(json.dumps(document))
     argv = [
         str(CITYPLANE),
         "--log-level",
@@ -70,6 +91,11 @@ def start_gateway(
     ]
     if redis_url:
         argv += ["--redis", redis_url]
+    headers: dict[str, str] = {}
+    if issuer is not None:
+        argv += ["--issuer", issuer.url, "--audience", issuer.audience]
+        headers = {"Authorization": issuer.authorization}
     started = supervisor.start(name, argv, core=core)
-    wait_until_answers(started, port)
+    # With auth, the first 200 also says the keys were fetched and the token passes.
+    wait_until_answers(started, port, headers=headers)
     return started

@@ -13,7 +13,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -122,7 +122,12 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 
 def wait_until_answers(
-    started: Supervised, port: int, *, path: str = "/", timeout: float = 20.0
+    started: Supervised,
+    port: int,
+    *,
+    path: str = "/",
+    headers: Mapping[str, str] | None = None,
+    timeout: float = 20.0,
 ) -> None:
     """Poll ``GET path`` until a 200, or raise with the process's output if it never comes."""
     deadline = time.monotonic() + timeout
@@ -135,7 +140,7 @@ def wait_until_answers(
             )
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1.0)
         try:
-            conn.request("GET", path)
+            conn.request("GET", path, headers=dict(headers or {}))
             response = conn.getresponse()
             response.read()
             if response.status == 200:

@@ -61,6 +61,7 @@ class Load:
     duration: float
     threads: int = 1
     delay_ms: int | None = None  # paced run: think time per connection
+    headers: tuple[tuple[str, str], ...] = ()  # sent with every request (wrk -H)
 
     def argv(self, url: str, script: Path) -> list[str]:
         argv = [
@@ -72,8 +73,10 @@ class Load:
             "5s",
             "-s",
             str(script),
-            url,
         ]
+        for name, value in self.headers:
+            argv += ["-H", f"{name}: {value}"]
+        argv.append(url)
         if self.delay_ms is not None:
             argv += ["--", str(self.delay_ms)]
         return argv
