@@ -18,6 +18,7 @@ and the tests ask for the 400.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -287,6 +288,29 @@ async def test_transfer_encoding_in_http_1_0_is_never_forwarded_with_another_fra
         assert [(r.target, r.body) for r in front.up.requests] == [("/a", b"abc")]
 
 
+async def test_transfer_coding_the_gateway_does_not_apply_is_not_silently_dropped(
+    front: Front,
+) -> None:
+    # RFC 9112 §6.1: a server that receives a transfer coding it does not understand SHOULD
+    # answer 501. It may also decode it, or forward it still applied; what it must not do is
+    # drop the coding from the framing and hand the upstream gzip bytes as the content.
+    payload = gzip.compress(b"hello")
+    data = (
+        POST
+        + b"Transfer-Encoding: gzip, chunked\r\n\r\n%x\r\n" % len(payload)
+        + payload
+        + b"\r\n0\r\n\r\n"
+    )
+    resp = await request(front.port, data)
+    if resp.status in (400, 501):
+        assert front.up.requests == []
+        return
+    assert resp.status == 200
+    (seen,) = front.up.requests
+    gzip_kept = "gzip" in (seen.header("Transfer-Encoding") or "").lower()
+    assert seen.body == b"hello" or gzip_kept, seen.raw
+
+
 # -- 2. pipelining ----------------------------------------------------------------------------
 
 
@@ -299,6 +323,20 @@ async def test_three_pipelined_requests_are_answered_in_order_on_one_connection(
         assert bodies == [b"/1", b"/2", b"/3"]
         assert (await client.exchange(NEXT)).body == b"/next"  # still open, still in step
     assert front.up.targets == ["/1", "/2", "/3", "/next"]
+
+
+async def test_request_pipelined_after_connection_close_is_not_processed(front: Front) -> None:
+    async with await RawClient.open(front.port) as client:
+        client.send(
+            head("GET", "/svc/1", "Host: city.example", "Connection: close")
+            + head("GET", "/svc/2", "Host: city.example")
+        )
+        resp = await client.response()
+        assert (resp.status, resp.body) == (200, b"/1")
+        assert says_close(resp)
+        assert await client.closed()
+    await asyncio.sleep(0.1)  # a request wrongly processed would reach the upstream now
+    assert front.up.targets == ["/1"]
 
 
 async def test_pipelined_requests_with_bodies_keep_their_boundaries(front: Front) -> None:
@@ -480,6 +518,18 @@ async def test_unknown_expectation_gets_417_or_is_served_without_100(front: Fron
         assert [r.body for r in front.up.requests] == [b"abc"]
 
 
+async def test_expect_100_continue_in_http_1_0_is_ignored(front: Front) -> None:
+    # RFC 9110 §10.1.1: a server MUST ignore a 100-continue expectation in an HTTP/1.0
+    # request; §15.2: a server MUST NOT send a 1xx response to an HTTP/1.0 client.
+    async with await RawClient.open(front.port) as client:
+        client.send(b"POST /svc/a HTTP/1.0\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        await asyncio.sleep(0.2)  # room for a wrong 100 to arrive before the body is sent
+        client.send(b"hello")
+        resp = await client.response()
+    assert resp.status == 200, resp.raw[:100]
+    assert [r.body for r in front.up.requests] == [b"hello"]
+
+
 # -- 6. persistence (RFC 9112 §9.3) and protocol versions ---------------------------------------
 
 
@@ -518,6 +568,19 @@ async def test_http_1_0_with_keep_alive_stays_open_and_says_so(front: Front) -> 
             assert (resp.status, resp.body) == (200, f"/{n}".encode())
             # RFC 9112 §9.3 / Appendix C.2.2: persistence with an HTTP/1.0 client is explicit.
             assert "keep-alive" in (resp.header("Connection") or "").lower()
+
+
+async def test_http_2_0_request_line_gets_505_or_400_and_is_not_forwarded(front: Front) -> None:
+    # RFC 9110 §6.2: 505 refuses a major version, and a response never claims a version the
+    # server does not conform to ("HTTP/2.0 200" in HTTP/1 framing is neither protocol).
+    resp, closed = await request_closing(
+        front.port, head("GET", "/svc/a", "Host: x", version="HTTP/2.0")
+    )
+    assert resp.version in ("HTTP/1.1", "HTTP/1.0")
+    assert resp.status in (400, 505)
+    assert resp.problem()["status"] == resp.status
+    assert closed
+    assert front.up.received == b""
 
 
 async def test_http_1_2_request_line_is_served_as_http_1_1_or_refused(front: Front) -> None:
@@ -559,6 +622,15 @@ async def test_http_1_0_request_without_host_is_served(front: Front) -> None:
     assert (resp.status, resp.body) == (200, b"/a")
 
 
+async def test_absolute_form_target_is_routed_by_its_path(front: Front) -> None:
+    # RFC 9112 §3.2.2: a server MUST accept the absolute form; the upstream gets origin form.
+    data = head("GET", "http://city.example/svc/a?q=1", "Host: city.example")
+    async with await RawClient.open(front.port) as client:
+        resp = await client.exchange(data)
+    assert (resp.status, resp.body) == (200, b"/a?q=1")
+    assert front.up.targets == ["/a?q=1"]
+
+
 @pytest.mark.parametrize(
     ("data", "status", "slug"),
     [
@@ -591,6 +663,18 @@ async def test_request_head_over_a_limit_is_refused_and_closed(
 ) -> None:
     resp, closed = await request_closing(front.port, data)
     assert_refused(resp, closed, status, slug)
+    assert front.up.received == b""
+
+
+async def test_70_kb_head_in_many_small_fields_gets_431(
+    recording: Any, gateway_factory: Any
+) -> None:
+    # Default limits: 80 fields (under 100) of 900 bytes (under 8190) each, 72 KB in all.
+    # Each field passes its own limit; the head as a whole must not (nginx: 4 x 8 KB).
+    front = await start_front(recording, gateway_factory, GatewayLimits())
+    fields = (f"X-Filler-{n}: {'v' * 900}" for n in range(80))
+    resp, closed = await request_closing(front.port, head("GET", "/svc/a", "Host: x", *fields))
+    assert_refused(resp, closed, 431, "headers-too-large")
     assert front.up.received == b""
 
 
