@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from aiohttp.web_request import BaseRequest
+    from gateway.h1server import IncomingRequest
 
 
 class Exchange:
@@ -29,7 +29,7 @@ class Exchange:
 
     def __init__(
         self,
-        request: BaseRequest,
+        request: IncomingRequest,
         *,
         client_ip: str,
         path: str,

@@ -50,10 +50,6 @@ REJECTED_SPEC = MetricSpec(
     ("route", "reason"),
 )
 
-# Superseded by REQUEST_METRICS; gateway/server.py still uses these three until it switches.
-REQUESTS = Counter(*REQUESTS_SPEC)
-REQUEST_DURATION = Histogram(*REQUEST_DURATION_SPEC, buckets=DURATION_BUCKETS)
-REJECTED = Counter(*REJECTED_SPEC)
 
 UPSTREAM_ERRORS = Counter(
     "cityplane_gateway_upstream_errors_total",

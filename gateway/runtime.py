@@ -146,6 +146,8 @@ class Gateway:
             await cluster.start()
         metrics.CONFIG_ROUTES.set(len(result.table))
         metrics.CONFIG_RELOADS.labels("ok").inc()
+        metrics.install()  # the per-request counters (lock-free; gateway/metrics.py)
+        await metrics.REQUEST_METRICS.start()
         if s.access_log != "off":
             if s.access_log == "stdout":
                 self._access_sink = sys.stdout
@@ -222,6 +224,7 @@ class Gateway:
             await self.access_log.close()
         if self._access_sink is not None and self._access_sink is not sys.stdout:
             self._access_sink.close()
+        await metrics.REQUEST_METRICS.close()  # under --workers: the last values to the files
         if self._status is not None:
             await self._status.cleanup()
         if self._shared is not None:

@@ -1,9 +1,9 @@
-"""The gateway's request path on aiohttp's low-level server.
+"""The gateway's request path: from a parsed request to the last byte of its response.
 
-aiohttp's `web.Application` (router, middlewares, signals) is bypassed on purpose: routing is
-ours (`RoutingTable`), and measured on this machine the application layer costs a quarter of
-the throughput (docs/adr/0001-layout-and-server.md). The server still gives us aiohttp's HTTP
-parser with its protections (request smuggling checks, header limits, pipelining).
+It runs on the gateway's own HTTP/1.1 server (`gateway.h1server`, see
+docs/adr/0013-own-http1-server.md): aiohttp's server and its `web.Application` (router,
+middlewares, request and response objects) are off the hot path; routing is ours
+(`RoutingTable`), the upstream side our own pool (docs/adr/0003-upstream-client.md).
 """
 
 from __future__ import annotations
@@ -14,19 +14,18 @@ import re
 import time
 from collections.abc import AsyncIterator
 from random import getrandbits
-from typing import TYPE_CHECKING, Any
-
-from aiohttp import ClientSession, DummyCookieJar, WSMsgType, web
-from aiohttp.web_request import BaseRequest
+from typing import TYPE_CHECKING
 
 from cityplane.problem import Problem
 from gateway import metrics
-from gateway.connections import GatewayLimits, problem_response
+from gateway.connections import GatewayLimits
 from gateway.exchange import Exchange
 from gateway.forwarding import RESPONSE_DROP, TrustedProxies, client_address, upstream_headers
+from gateway.h1server import ClientGone, IncomingRequest, encode_fields
 from gateway.paths import normalize_path, split_target
 from gateway.routing import CompiledRoute, MethodNotAllowed, RoutingTable
 from gateway.tracing import Tracing, continue_trace
+from gateway.tunnel import tunnel
 
 if TYPE_CHECKING:
     from gateway.accesslog import AccessLog
@@ -37,6 +36,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Bodies up to this size are read whole: cheap, and replayable for retries.
 SMALL_BODY = 64 * 1024
 _NO_ROUTE = ("-", "-")
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_DROP_UPSTREAM = RESPONSE_DROP | {"x-request-id"}
 
 
 class BodyTooLarge(Exception):
@@ -45,17 +46,6 @@ class BodyTooLarge(Exception):
 
 class BodyTimeout(Exception):
     """The client sent no body bytes for ``body_timeout`` seconds."""
-
-
-class ProxyResponse(web.StreamResponse):
-    """A streamed response whose head leaves with the first body bytes, in one write.
-
-    aiohttp's StreamResponse sends the head at ``prepare()``; ``web.Response`` waits for the
-    body. A proxy wants the second behaviour for every response: one write (one syscall, one
-    packet) for a small answer instead of two.
-    """
-
-    _send_headers_immediately = False
 
 
 class RequestPath:
@@ -75,22 +65,18 @@ class RequestPath:
         self.limits = limits
         self.access_log = access_log
         self.tracing = tracing
-        self._ws_session: ClientSession | None = None
         self._loop = asyncio.get_running_loop()
-        self._counters: dict[tuple[str, str, int], Any] = {}
-        self._durations: dict[tuple[str, str], Any] = {}
-        self._rejected: dict[tuple[str, str], Any] = {}
+        self._metrics = metrics.REQUEST_METRICS  # lock-free counters (gateway/metrics.py)
         self.in_flight = 0
 
     async def close(self) -> None:
-        if self._ws_session is not None:
-            await self._ws_session.close()
+        pass  # nothing of its own to release (upstream pools belong to the clusters)
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
     def _observe(
         self,
-        request: BaseRequest,
+        request: IncomingRequest,
         route: CompiledRoute | None,
         status: int,
         start: float,
@@ -99,16 +85,8 @@ class RequestPath:
         upstream: str | None,
     ) -> None:
         key = (route.service, route.name) if route is not None else _NO_ROUTE
-        ckey = (key[0], key[1], status)
-        counter = self._counters.get(ckey)
-        if counter is None:
-            counter = self._counters[ckey] = metrics.REQUESTS.labels(key[0], key[1], str(status))
-        counter.inc()
         elapsed = self._loop.time() - start
-        hist = self._durations.get(key)
-        if hist is None:
-            hist = self._durations[key] = metrics.REQUEST_DURATION.labels(*key)
-        hist.observe(elapsed)
+        self._metrics.observe(key[0], key[1], status, elapsed)
         if self.access_log is not None:
             self.access_log.record_request(
                 round(time.time(), 3),
@@ -125,18 +103,14 @@ class RequestPath:
 
     # -- the request path -------------------------------------------------------------------------
 
-    async def __call__(self, request: BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: IncomingRequest) -> None:
         start = self._loop.time()
         self.in_flight += 1
-        peername = request.transport.get_extra_info("peername") if request.transport else None
-        peer = peername[0] if peername else "0.0.0.0"
+        conn = request.conn
+        peer = conn.peer
         trusted = self.trusted.trusts(peer) if self.trusted else False
-        client_ip = (
-            client_address(peer, request.headers.get("X-Forwarded-For"), self.trusted)
-            if trusted
-            else peer
-        )
-        incoming_id = request.headers.get("X-Request-Id")
+        client_ip = client_address(peer, request.forwarded_for, self.trusted) if trusted else peer
+        incoming_id = request.request_id
         request_id = (
             incoming_id
             if incoming_id and _REQUEST_ID.match(incoming_id)
@@ -147,6 +121,10 @@ class RequestPath:
         status = 500
         upstream_url: str | None = None
         try:
+            if request.method == "CONNECT":
+                raise Problem(
+                    405, "method-not-allowed", "CONNECT is not allowed: the gateway is no tunnel"
+                )
             path_raw, query = split_target(request.raw_path)
             path = normalize_path(path_raw)
             found = self.table.match(request.host, path, request.method)
@@ -177,32 +155,28 @@ class RequestPath:
             )
             for policy in route.policies:
                 await policy.check(ex)
-            if request.headers.get("Upgrade", "").lower() == "websocket":
-                resp, upstream_url = await self._websocket(request, route, ex, path, query)
-            else:
-                resp, upstream_url = await self._proxy(
+            if request.upgrading and request.upgrade == "websocket" and request.method == "GET":
+                status, upstream_url = await self._tunnel(
                     request, route, ex, path, query, peer, trusted
                 )
-            status = resp.status
-            return resp
+            else:
+                status, upstream_url = await self._proxy(
+                    request, route, ex, path, query, peer, trusted
+                )
         except Problem as problem:
             status = problem.status
-            reason_key = (route.route_id if route is not None else "-", problem.slug)
-            rejected = self._rejected.get(reason_key)
-            if rejected is None:
-                rejected = self._rejected[reason_key] = metrics.REJECTED.labels(*reason_key)
-            rejected.inc()
-            resp = problem_response(problem, request_id)
-            if status == 408:
-                resp.force_close()  # RFC 9110 §15.5.9: the body's framing is lost
+            self._metrics.reject(route.route_id if route is not None else "-", problem.slug)
+            extra: list[tuple[str, str]] = []
             if route is not None:
-                for name, value in route.response_headers:
-                    resp.headers[name] = value
+                extra.extend(route.response_headers)
             if ex is not None and problem.status in (429, 503):
-                for name, value in ex.response_headers:
-                    resp.headers.setdefault(name, value)
-            return resp
-        except (ConnectionResetError, asyncio.CancelledError):
+                named = {n.lower() for n in problem.headers}
+                extra.extend((n, v) for n, v in ex.response_headers if n.lower() not in named)
+            # RFC 9110 §15.5.9: after a 408 the body's framing is lost.
+            request.conn.respond_problem(
+                request, problem, request_id=request_id, extra=extra, close=status == 408
+            )
+        except (ClientGone, ConnectionError, asyncio.CancelledError):
             status = 499  # client went away (nginx's convention)
             raise
         finally:
@@ -210,45 +184,46 @@ class RequestPath:
             self._observe(request, route, status, start, request_id, client_ip, upstream_url)
 
     async def _request_body(
-        self, request: BaseRequest
+        self, request: IncomingRequest
     ) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
         if not request.body_exists:
             return None, None
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         length = request.content_length
+        if request.body_complete:
+            body = request.take_body()  # it came with the head: no timer
+            if len(body) > self.limits.max_body:  # chunked: no length was announced
+                raise BodyTooLarge()
+            return body, length
+        if request.expect_continue:
+            request.conn.write_raw(_CONTINUE)
         if length is not None and length <= SMALL_BODY:
-            if request.content.is_eof():
-                return await request.read(), length  # it came with the head: no timer
             return await self._read_small_body(request), length
         return self._stream_body(request), length
 
-    async def _read_small_body(self, request: BaseRequest) -> bytes:
-        content = request.content
+    async def _read_small_body(self, request: IncomingRequest) -> bytes:
         timeout = self.limits.body_timeout
         parts: list[bytes] = []
         try:
             # One timer per body, pushed back after every read: the timeout bounds the gap
             # between two reads, not the whole upload (nginx's client_body_timeout).
             async with asyncio.timeout(timeout) as clock:
-                while chunk := await content.readany():
+                while chunk := await request.read_chunk():
                     parts.append(chunk)
                     clock.reschedule(self._loop.time() + timeout)
         except TimeoutError:
             raise _body_timeout(timeout) from None
         return b"".join(parts)
 
-    async def _stream_body(self, request: BaseRequest) -> AsyncIterator[bytes]:
+    async def _stream_body(self, request: IncomingRequest) -> AsyncIterator[bytes]:
         limit = self.limits.max_body
         timeout = self.limits.body_timeout
-        content = request.content
         seen = 0
         while True:
             # A timer per read, not one across yields: the upstream pool may move the rest of
             # the upload to a task of its own, and a timeout must cancel the task that reads.
             try:
                 async with asyncio.timeout(timeout):
-                    chunk = await content.readany()
+                    chunk = await request.read_chunk()
             except TimeoutError:
                 raise BodyTimeout() from None
             if not chunk:
@@ -258,44 +233,44 @@ class RequestPath:
                 raise BodyTooLarge()
             yield chunk
 
+    def _forward_headers(
+        self, request: IncomingRequest, ex: Exchange, peer: str, trusted: bool
+    ) -> list[tuple[str, str]]:
+        headers = upstream_headers(
+            request.raw_headers, peer=peer, peer_trusted=trusted, scheme="http", host=request.host
+        )
+        headers.append(("X-Request-Id", ex.request_id))
+        return headers
+
     async def _proxy(
         self,
-        request: BaseRequest,
+        request: IncomingRequest,
         route: CompiledRoute,
         ex: Exchange,
         path: str,
         query: str,
         peer: str,
         trusted: bool,
-    ) -> tuple[web.StreamResponse, str]:
-        headers = upstream_headers(
-            request.raw_headers,
-            peer=peer,
-            peer_trusted=trusted,
-            scheme=request.scheme,
-            host=request.host,
-        )
-        _trace_id, traceparent = continue_trace(request.headers.get("traceparent"))
+    ) -> tuple[int, str]:
+        headers = self._forward_headers(request, ex, peer, trusted)
+        _trace_id, traceparent = continue_trace(request.traceparent)
         span = None
         if self.tracing.enabled:
-            span = self.tracing.server_span(
-                request.method, route.route_id, request.headers.get("traceparent")
-            )
+            span = self.tracing.server_span(request.method, route.route_id, request.traceparent)
             client_span, traceparent = self.tracing.client_span(
                 span, request.method, route.service + route.upstream_path(path)
             )
-        headers.append(("X-Request-Id", ex.request_id))
         headers.append(("traceparent", traceparent))
         headers.extend(ex.upstream_headers)
-        body, length = await self._request_body(request)
         cluster = route.cluster
         try:
+            body, length = await self._request_body(request)
             up, target = await cluster.send(
                 request.method,
                 route.upstream_path(path) + query,
                 headers,
                 body,
-                request_headers=request.headers,
+                request_headers=request,
                 client_ip=ex.client_ip,
                 content_length=length,
             )
@@ -308,99 +283,76 @@ class RequestPath:
         finally:
             if span is not None:
                 client_span.end()
+        conn = request.conn
         try:
-            resp = ProxyResponse(status=up.status, reason=up.reason or None)
-            out = resp.headers
-            for name, value in up.headers:
-                if name.lower() not in RESPONSE_DROP:
-                    out.add(name, value)
-            out["X-Request-Id"] = ex.request_id
-            for name, value in route.response_headers:
-                out[name] = value
-            for name, value in ex.response_headers:
-                out[name] = value
-            if up.content_length is not None:
-                resp.content_length = up.content_length
+            # The gateway's own fields replace any of the same name from the upstream.
+            own = [("X-Request-Id", ex.request_id), *route.response_headers, *ex.response_headers]
+            drop = _DROP_UPSTREAM if len(own) == 1 else _DROP_UPSTREAM | {n.lower() for n, _ in own}
+            fields = [(n, v) for n, v in up.headers if n.lower() not in drop]
+            fields.extend(own)
+            head = encode_fields(fields)
+            status = up.status
             if span is not None:
-                span.set_attribute("http.response.status_code", up.status)
-            if request.method == "HEAD" or up.status in (204, 304):
-                await resp.prepare(request)
-                await resp.write_eof()
-                return resp, target.url
+                span.set_attribute("http.response.status_code", status)
+            reason = up.reason or None
+            if request.method == "HEAD" or status in (204, 304):
+                conn.start_response(
+                    request, status, head, content_length=up.content_length, reason=reason
+                )
+                conn.end_response()
+                return status, target.url
             if up.content_length is not None and up.content_length <= SMALL_BODY:
                 data = await up.read()
-                await resp.prepare(request)
-                await resp.write_eof(data)
-                return resp, target.url
-            await resp.prepare(request)
-            async for chunk in up.iter_chunks():
-                await resp.write(chunk)
-            await resp.write_eof()
-            return resp, target.url
+                conn.respond(request, status, head, data, reason=reason)
+                return status, target.url
+            chunks = up.iter_chunks().__aiter__()
+            try:
+                first = await chunks.__anext__()
+            except StopAsyncIteration:
+                first = b""
+            conn.start_response(
+                request, status, head, content_length=up.content_length, reason=reason, first=first
+            )
+            if first:
+                async for chunk in chunks:
+                    await conn.write(chunk)
+            conn.end_response()
+            return status, target.url
         finally:
             up.release()
             if span is not None:
                 span.end()
 
-    async def _websocket(
+    async def _tunnel(
         self,
-        request: BaseRequest,
+        request: IncomingRequest,
         route: CompiledRoute,
         ex: Exchange,
         path: str,
         query: str,
-    ) -> tuple[web.StreamResponse, str]:
-        """Relay a WebSocket message by message between client and one upstream target."""
+        peer: str,
+        trusted: bool,
+    ) -> tuple[int, str]:
+        """A WebSocket: bytes relayed between the client and one upstream target."""
         cluster = route.cluster
         target = cluster.balancer.pick(None, None)
         if target is None:
             raise Problem(503, "no-healthy-upstream", "no healthy upstream for this WebSocket")
-        scheme = "wss" if target.scheme == "https" else "ws"
-        url = f"{scheme}://{target.host}:{target.port}{route.upstream_path(path)}{query}"
-        if self._ws_session is None:
-            # One session for all relays, with no cookie jar: clients never share cookies.
-            self._ws_session = ClientSession(cookie_jar=DummyCookieJar())
-        protocols = [
-            p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p
-        ]
-        forward = {"X-Request-Id": ex.request_id, "X-Forwarded-For": ex.client_ip}
-        forward.update(dict(ex.upstream_headers))
-        try:
-            async with asyncio.timeout(cluster.request_timeout):
-                upstream = await self._ws_session.ws_connect(
-                    url, protocols=protocols, headers=forward
-                )
-        except Exception as exc:  # noqa: BLE001 - any failure to open is the upstream's
-            log.info("websocket upstream %s failed: %s", url, exc)
-            raise Problem(502, "upstream-unavailable", "the WebSocket upstream refused") from None
-        client = web.WebSocketResponse(protocols=[upstream.protocol] if upstream.protocol else ())
-        for name, value in ex.response_headers:
-            client.headers[name] = value
-        await client.prepare(request)
-
-        async def pump(src: Any, dst: Any) -> None:
-            async for msg in src:
-                if msg.type == WSMsgType.TEXT:
-                    await dst.send_str(msg.data)
-                elif msg.type == WSMsgType.BINARY:
-                    await dst.send_bytes(msg.data)
-                else:
-                    break
-            await dst.close()
-
-        tasks = [
-            asyncio.ensure_future(pump(client, upstream)),
-            asyncio.ensure_future(pump(upstream, client)),
-        ]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await upstream.close()
-            await client.close()
-        return client, target.url
+        base, host = cluster.address(target)
+        headers = self._forward_headers(request, ex, peer, trusted)
+        headers.extend(ex.upstream_headers)
+        response_headers = [("X-Request-Id", ex.request_id), *ex.response_headers]
+        status = await tunnel(
+            request,
+            target=target,
+            base=base,
+            host=host,
+            path=route.upstream_path(path) + query,
+            headers=headers,
+            response_headers=response_headers,
+            timeout=cluster.request_timeout,
+        )
+        return status, target.url
 
 
 def _body_timeout(timeout: float) -> Problem:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import time
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from hashlib import blake2b
 from itertools import accumulate
 from math import gcd
@@ -324,7 +324,15 @@ class ConsistentHash:
 
 # --- hash keys ------------------------------------------------------------------------------
 
-HashKeyExtractor = Callable[[Mapping[str, str], str], str]
+
+class HeaderSource(Protocol):
+    """Where a hash key's header comes from: any case-insensitive ``get`` (the gateway's
+    `IncomingRequest`, a ``CIMultiDict``)."""
+
+    def get(self, name: str, default: None = None, /) -> str | None: ...
+
+
+HashKeyExtractor = Callable[[HeaderSource, str], str]
 
 
 def hash_key_extractor(hash_on: str) -> HashKeyExtractor:
@@ -338,14 +346,14 @@ def hash_key_extractor(hash_on: str) -> HashKeyExtractor:
     kind, _, name = hash_on.partition(":")
     if kind == "header" and name:
 
-        def header_value(headers: Mapping[str, str], client_ip: str) -> str:
+        def header_value(headers: HeaderSource, client_ip: str) -> str:
             return headers.get(name) or client_ip
 
         return header_value
     if kind == "cookie" and name:
         prefix = name + "="
 
-        def cookie_value(headers: Mapping[str, str], client_ip: str) -> str:
+        def cookie_value(headers: HeaderSource, client_ip: str) -> str:
             cookie = headers.get("Cookie")
             if cookie and prefix in cookie:
                 # RFC 6265 section 4.2.1: cookie-pair *( ";" SP cookie-pair ); names are
@@ -361,5 +369,5 @@ def hash_key_extractor(hash_on: str) -> HashKeyExtractor:
     raise ValueError(f"hashOn must be 'ip', 'header:<name>' or 'cookie:<name>', not {hash_on!r}")
 
 
-def _client_ip(headers: Mapping[str, str], client_ip: str) -> str:
+def _client_ip(headers: HeaderSource, client_ip: str) -> str:
     return client_ip

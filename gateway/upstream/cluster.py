@@ -9,13 +9,13 @@ on another target within a retry budget (Envoy's retry budget: retries may add a
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable, Callable, Mapping
+from collections.abc import AsyncIterable, Callable
 from urllib.parse import urlsplit
 
 from cityplane.problem import Problem
 from cityplane.schema import Upstream
 from gateway import metrics
-from gateway.upstream.balancer import hash_key_extractor, make_balancer
+from gateway.upstream.balancer import HeaderSource, hash_key_extractor, make_balancer
 from gateway.upstream.breaker import BreakerOpen, SharedBreakerState, UpstreamBreaker
 from gateway.upstream.client import (
     HostPool,
@@ -57,7 +57,7 @@ class UpstreamCluster:
             self._meta[id(target)] = (parts.path.rstrip("/"), parts.netloc)
             self.targets.append(target)
         self.balancer = make_balancer(spec.loadBalancing, self.targets)
-        self._hash_key: Callable[[Mapping[str, str], str], str] | None = (
+        self._hash_key: Callable[[HeaderSource, str], str] | None = (
             hash_key_extractor(spec.hashOn) if spec.loadBalancing == "consistent-hash" else None
         )
         self.breaker = (
@@ -118,6 +118,10 @@ class UpstreamCluster:
             self.active_retries += 1
         return True
 
+    def address(self, target: TargetState) -> tuple[str, str]:
+        """A target's base path (prepended to every request path) and its Host field."""
+        return self._meta[id(target)]
+
     async def send(
         self,
         method: str,
@@ -125,7 +129,7 @@ class UpstreamCluster:
         headers: list[tuple[str, str]],
         body: bytes | AsyncIterable[bytes] | None,
         *,
-        request_headers: Mapping[str, str],
+        request_headers: HeaderSource,
         client_ip: str,
         content_length: int | None = None,
     ) -> tuple[UpstreamResponse, TargetState]:

@@ -9,7 +9,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -135,13 +134,6 @@ def test_installing_twice_in_one_registry_is_harmless() -> None:
     request_metrics.reject("-", "no-route")
     lines = exposition(registry)
     assert lines.count('cityplane_gateway_rejected_total{reason="no-route",route="-"} 1.0') == 1
-
-
-def test_installing_beside_the_old_counters_is_refused() -> None:
-    # The default registry still holds metrics.REQUESTS & co. until gateway/server.py
-    # switches over: both at once would be two sources for one series.
-    with pytest.raises(ValueError, match="Duplicated timeseries"):
-        install(REGISTRY, RequestMetrics())
 
 
 def test_connection_cap_refusals_have_their_counter() -> None:
