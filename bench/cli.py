@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -21,6 +22,7 @@ from bench.configurations import (
     BY_NAME,
     CONFIGURATIONS,
     DIRECT,
+    GATEWAY_FULL,
     GATEWAY_RATELIMIT,
     NGINX_LIMIT_REQ,
     Configuration,
@@ -76,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="py-spy profile of gateway-ratelimit under load (default: on, off with --quick)",
+        help="py-spy profile of gateway-full (else gateway-ratelimit) under load "
+        "(default: on, off with --quick)",
     )
     p.add_argument(
         "--routes",
@@ -182,17 +185,21 @@ def run(args: argparse.Namespace) -> int:
             campaign.paced_rounds(
                 [c for c in configurations if c.name in PACED_CONFIGURATIONS], paced_rate
             )
-        if profile and GATEWAY_RATELIMIT in selected:
+        # The profile is of the configuration the throughput target is about, when it runs.
+        profiled = GATEWAY_FULL if GATEWAY_FULL in selected else GATEWAY_RATELIMIT
+        if profile and profiled in selected:
             port = free_port()
-            gateway = BY_NAME[GATEWAY_RATELIMIT].start(env, port)
+            gateway = BY_NAME[profiled].start(env, port)
             assert gateway is not None
-            print("\nprofiling gateway-ratelimit with py-spy ...", flush=True)
+            print(f"\nprofiling {profiled} with py-spy ...", flush=True)
+            load = Load(plan.connections, plan.duration)
+            load = replace(load, headers=tuple(BY_NAME[profiled].request_headers(env).items()))
             try:
                 profile_summary = record(
                     gateway,
                     port,
                     scripts[0],
-                    Load(plan.connections, plan.duration),
+                    load,
                     args.results,
                     seconds=plan.duration,
                 )

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +137,7 @@ def record(
     raw = out_dir / "profile.txt"
     svg = out_dir / "profile.svg"
     spy_seconds = max(1, round(seconds))
-    wrk_load = Load(load.connections, 2 * spy_seconds + 4)
+    wrk_load = replace(load, duration=2 * spy_seconds + 4)
     wrk = subprocess.Popen(
         [
             "taskset",
@@ -183,6 +183,7 @@ def record(
         wrk.wait()
     summary = summarize(raw.read_text())
     summary["files"] = {"collapsed": str(raw), "flamegraph": str(svg)}
+    summary["configuration"] = target.name
     return summary
 
 
@@ -193,7 +194,8 @@ def print_profile(summary: dict[str, Any]) -> None:
     if not summary.get("samples"):
         print("\nprofile: no samples")
         return
-    print(f"\nprofile of gateway-ratelimit under load ({summary['samples']} samples)")
+    name = summary.get("configuration", "the gateway")
+    print(f"\nprofile of {name} under load ({summary['samples']} samples)")
     print(
         "  self time by package: "
         + ", ".join(f"{p['name']} {p['share']:.0%}" for p in summary["packages"][:8])

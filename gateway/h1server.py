@@ -17,12 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from cityplane.problem import PROBLEM_CONTENT_TYPE, Problem
 
@@ -42,6 +41,7 @@ BODY_BUFFER = 64 * 1024
 # Pipelined requests parsed ahead of the one being handled before the socket is paused.
 PIPELINE_DEPTH = 16
 
+_MISSING: Any = object()
 _STATUS_LINES: dict[int, bytes] = {}
 _date_second = -1
 _date_header = b""
@@ -101,6 +101,66 @@ def encode_fields(fields: list[tuple[str, str]]) -> bytes:
     return "".join(out).encode("latin-1", "replace")
 
 
+_KEYS: dict[str, bytes] = {}
+
+
+def _key(name: str) -> bytes:
+    key = _KEYS.get(name)
+    if key is None:
+        key = name.lower().encode("latin-1")
+        if len(_KEYS) < 1024:
+            _KEYS[name] = key
+    return key
+
+
+class RequestHeaders:
+    """A request's fields, looked up case-insensitively in the parser's raw pairs.
+
+    The subset of ``CIMultiDictProxy`` the policies use (``get``, ``getall``, ``in``, ``[]``,
+    iteration). Building a multidict costs ~2.5 µs per request; one scan of a handful of
+    fields ~0.5 µs, and a request's policies ask for one or two fields at most.
+    """
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self._raw = raw
+
+    def getall(self, name: str, default: Any = _MISSING) -> Any:
+        key = _key(name)
+        found = [v.decode("latin-1") for n, v in self._raw if n.lower() == key]
+        if found:
+            return found
+        if default is _MISSING:
+            raise KeyError(name)
+        return default
+
+    def get(self, name: str, default: Any = None) -> Any:
+        key = _key(name)
+        for n, v in self._raw:
+            if n.lower() == key:
+                return v.decode("latin-1")
+        return default
+
+    def __getitem__(self, name: str) -> str:
+        value = self.get(name, _MISSING)
+        if value is _MISSING:
+            raise KeyError(name)
+        return value
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name, _MISSING) is not _MISSING
+
+    def __iter__(self) -> Iterator[str]:
+        return (n.decode("latin-1") for n, _ in self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def items(self) -> Iterator[tuple[str, str]]:
+        return ((n.decode("latin-1"), v.decode("latin-1")) for n, v in self._raw)
+
+
 class ClientGone(ConnectionError):
     """The client's connection closed while a response was being written."""
 
@@ -114,7 +174,6 @@ class IncomingRequest:
         "_body_waiter",
         "_error",
         "_expect",
-        "_headers",
         "body_complete",
         "chunked",
         "conn",
@@ -140,7 +199,6 @@ class IncomingRequest:
         self.raw_path = ""
         self.version = "1.1"
         self.raw_headers: list[tuple[bytes, bytes]] = []
-        self._headers: CIMultiDictProxy[str] | None = None
         self.host = ""
         self.content_length: int | None = None
         self.chunked = False
@@ -160,14 +218,9 @@ class IncomingRequest:
         self._expect: bytes | None = None
 
     @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        """The request's fields, case-insensitive (built on first use: most requests never
-        need them all)."""
-        if self._headers is None:
-            self._headers = CIMultiDictProxy(
-                CIMultiDict((n.decode("latin-1"), v.decode("latin-1")) for n, v in self.raw_headers)
-            )
-        return self._headers
+    def headers(self) -> RequestHeaders:
+        """The request's fields, case-insensitive (`RequestHeaders`)."""
+        return RequestHeaders(self.raw_headers)
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """One field's first value (for the balancer's hash keys)."""
