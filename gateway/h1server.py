@@ -42,7 +42,7 @@ BODY_BUFFER = 64 * 1024
 PIPELINE_DEPTH = 16
 
 _MISSING: Any = object()
-_STATUS_LINES: dict[int, bytes] = {}
+_STATUS_LINES: dict[tuple[int, str | None], bytes] = {}
 _date_second = -1
 _date_header = b""
 
@@ -61,10 +61,9 @@ _WATCHED = {
 
 
 def status_line(status: int, reason: str | None = None) -> bytes:
-    if reason is None:
-        line = _STATUS_LINES.get(status)
-        if line is not None:
-            return line
+    line = _STATUS_LINES.get((status, reason))
+    if line is not None:
+        return line
     from http import HTTPStatus
 
     try:
@@ -74,8 +73,8 @@ def status_line(status: int, reason: str | None = None) -> bytes:
     # A reason phrase is the upstream's text: keep it to visible ASCII (RFC 9112 §4).
     phrase = "".join(c for c in phrase if " " <= c <= "~")
     line = f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
-    if reason is None and len(_STATUS_LINES) < 512:
-        _STATUS_LINES[status] = line
+    if len(_STATUS_LINES) < 512:  # upstreams choose reasons: keep the cache bounded
+        _STATUS_LINES[status, reason] = line
     return line
 
 
@@ -308,7 +307,11 @@ class ClientConnection(asyncio.Protocol):
         self._in_body = False
         # Requests whose head is complete, in order; the first is being handled.
         self._queue: deque[IncomingRequest] = deque()
+        # One task per connection runs the handler for each request in turn and, between
+        # requests, waits on _next: a future per request is cheaper than a task per request.
         self._task: asyncio.Task[None] | None = None
+        self._next: asyncio.Future[None] | None = None
+        self._busy = False  # a handler is running
         self._tunnel: Callable[[bytes], None] | None = None
         # Set by a tunnel (gateway/tunnel.py): the upstream socket, paused while the client
         # cannot take more, and what to do when the client goes.
@@ -397,8 +400,8 @@ class ClientConnection(asyncio.Protocol):
                 return
         # Handlers start only once the parser has accepted everything it was given: llhttp
         # checks some framing (an unknown transfer coding, a bad chunk) after the head.
-        if self._queue and self._task is None and not self.closed:
-            self._task = self.loop.create_task(self._run())
+        if self._queue and not self.closed:
+            self._wake_runner()
         if self._in_head and not self._head_started:
             # Bytes of a head that is not complete yet: the header clock starts (ADR 11).
             self._head_started = now = self.loop.time()
@@ -409,7 +412,7 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         # A client that half-closes after its request still gets the answer (RFC 9112 §9.6).
         self._stop_parsing = True
-        return self._task is not None or bool(self._queue)
+        return self._busy or bool(self._queue)
 
     # -- parser callbacks ------------------------------------------------------------------------
 
@@ -533,14 +536,30 @@ class ClientConnection(asyncio.Protocol):
 
     # -- requests --------------------------------------------------------------------------------
 
+    def _wake_runner(self) -> None:
+        if self._task is None:
+            self._task = self.loop.create_task(self._run())
+            return
+        waiter = self._next
+        if waiter is not None:
+            self._next = None
+            if not waiter.done():
+                waiter.set_result(None)
+
     async def _run(self) -> None:
         handler = self.server.handler
         queue = self._queue
         try:
-            while queue:
+            while True:
+                if not queue:
+                    self._idle_since = self.loop.time()
+                    self._next = self.loop.create_future()
+                    await self._next
+                    continue
                 req = queue[0]
                 self._head_sent = False
                 self._keep_after = True
+                self._busy = True
                 try:
                     await handler(req)
                 except (ClientGone, ConnectionError):
@@ -552,6 +571,8 @@ class ClientConnection(asyncio.Protocol):
                         self._close()
                         return
                     self.respond_problem(req, Problem(500, "internal-error"), close=True)
+                finally:
+                    self._busy = False
                 queue.popleft()
                 if self.closed or self._tunnel is not None or not self._keep_after:
                     return
@@ -564,8 +585,7 @@ class ClientConnection(asyncio.Protocol):
                     self._resume_reading()
         finally:
             self._task = None
-            if not self.closed:
-                self._idle_since = self.loop.time()
+            self._next = None
 
     # -- responses -------------------------------------------------------------------------------
 
@@ -749,15 +769,14 @@ class ClientConnection(asyncio.Protocol):
         req = self._req  # the message being parsed (None between two messages)
         self._req = None
         if req is not None and req in self._queue:
-            if self._task is not None and self._queue[0] is req:
+            if self._busy and self._queue[0] is req:
                 req._fail(problem)  # its handler is reading the body: the answer is its
                 return
             self._queue.remove(req)  # its framing is broken: never handed to a handler
         if self._queue:
             # Earlier requests are still to be answered: the refusal follows their answers.
             self._refusal = problem
-            if self._task is None:
-                self._task = self.loop.create_task(self._run())
+            self._wake_runner()
             return
         self._refuse(problem)
 
@@ -779,7 +798,7 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
 
     def close_if_idle(self) -> bool:
-        if self._task is None and not self._in_head and not self._queue:
+        if not self._busy and not self._in_head and not self._queue:
             self._close()
             return True
         return False
@@ -810,7 +829,7 @@ class ClientConnection(asyncio.Protocol):
         if self._in_head and self._head_started:
             deadline = self._head_started + limits.header_timeout
             if now >= deadline:
-                if self._task is None:
+                if not self._busy and not self._queue:  # no answer in progress to collide with
                     self.transport.write(  # type: ignore[union-attr]
                         raw_problem(
                             Problem(
@@ -825,7 +844,7 @@ class ClientConnection(asyncio.Protocol):
                 return
             self._arm(deadline)
             return
-        if self._task is not None or self._queue or self._in_body:
+        if self._busy or self._queue or self._in_body:
             # A request is in progress: its own timeouts govern. Look again later.
             self._arm(now + limits.idle_timeout)
             return
