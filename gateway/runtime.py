@@ -198,6 +198,8 @@ class Gateway:
         """Stop accepting, let in-flight requests finish (up to drain_timeout), close."""
         self.ready = False
         self.draining = True
+        if self._server is not None:
+            self._server.draining = True  # answers from now on say "Connection: close"
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
