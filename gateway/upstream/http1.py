@@ -160,7 +160,12 @@ class Http1Connection(asyncio.Protocol):
         self._buffered = 0
         self._read_paused = False
         self._phase = _IDLE
+        # One timer per connection, kept across requests: it is armed at the first request's
+        # deadline and, when it fires, compares against the current request's deadline and
+        # re-arms itself (no timer handle created and cancelled per request).
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._deadline = 0.0
         self._timeout = 0.0
         self._exc: UpstreamError | None = None
         self._response: UpstreamResponse | None = None
@@ -202,6 +207,9 @@ class Http1Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        if self._phase in (_IDLE, _DONE) and self._timer is not None:
+            self._timer.cancel()  # nothing left to time (a live exchange fails below instead)
+            self._timer = None
         if self.in_pool:
             self._owner._idle_connection_lost(self)
             return
@@ -407,11 +415,7 @@ class Http1Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     def _complete(self) -> None:
-        self._phase = _DONE
-        timer = self._timer
-        if timer is not None:
-            self._timer = None
-            timer.cancel()
+        self._phase = _DONE  # the timer, if armed, finds nothing to do when it fires
         self._wake(self._body_waiter)
 
     def _fail(self, exc: UpstreamError) -> None:
@@ -441,6 +445,9 @@ class Http1Connection(asyncio.Protocol):
         self._timer = None
         phase = self._phase
         if phase == _AWAIT_HEAD:
+            if self._loop.time() + 0.001 < self._deadline:  # armed for an earlier request
+                self._arm(self._deadline)
+                return
             self._fail(
                 UpstreamTimeout(
                     f"no response head within {self._timeout:g}s",
@@ -462,7 +469,11 @@ class Http1Connection(asyncio.Protocol):
                     return
             else:  # the consumer is busy elsewhere: that is not the upstream's idleness
                 expires = now + self._timeout
-            self._timer = self._loop.call_at(expires, self._on_timer)
+            self._arm(expires)
+
+    def _arm(self, when: float) -> None:
+        self._timer_at = when
+        self._timer = self._loop.call_at(when, self._on_timer)
 
     def _take_body(self) -> bytes | None:
         chunks = self._chunks
@@ -671,7 +682,13 @@ class Http1Connection(asyncio.Protocol):
         self._phase = _AWAIT_HEAD
         self._is_head = is_head
         self._timeout = timeout
-        self._timer = self._loop.call_at(deadline, self._on_timer)
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None:
+            self._arm(deadline)
+        elif self._timer_at > deadline:  # a shorter timeout than the armed one's
+            timer.cancel()
+            self._arm(deadline)
         self._exc = None
         self._response = None
         self._reusable = True
@@ -711,10 +728,6 @@ class Http1Connection(asyncio.Protocol):
         complete = self._phase == _DONE
         self._phase = _IDLE
         self._response = None
-        timer = self._timer
-        if timer is not None:
-            self._timer = None
-            timer.cancel()
         if self._chunks:
             self._chunks.clear()
         self._buffered = 0
