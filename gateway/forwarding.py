@@ -95,6 +95,70 @@ def _forwarded_node(addr: str) -> str:
     return f'"[{addr}]"' if ":" in addr else addr
 
 
+def forwarded_fields(
+    raw_headers: Sequence[tuple[bytes, bytes]],
+    *,
+    peer: str,
+    peer_trusted: bool,
+    scheme: str,
+    host: str,
+) -> tuple[bytes, list[tuple[str, str]]]:
+    """The client's end-to-end fields, cleaned, and the forwarding fields for this hop.
+
+    The client's fields stay the bytes llhttp accepted (it refuses CR, LF and NUL in values
+    and non-token names), joined into one block ready for the upstream head: no decoding and
+    re-encoding per field. The forwarding fields this hop writes come back as text.
+    """
+    connection_named: set[bytes] | None = None
+    out: list[bytes] = []
+    prior_xff: list[str] = []
+    prior_fwd: list[str] = []
+    has_proto = has_host = False
+    kinds = _RAW_NAMES
+    for raw_name, raw_value in raw_headers:
+        known = kinds.get(raw_name)
+        if known is None:
+            known = _classify(raw_name)
+        lname, kind = known
+        if kind == _FORWARD:
+            out.append(raw_name + b": " + raw_value + b"\r\n")
+            continue
+        if kind == _DROP:
+            continue
+        if kind == _HOP:
+            if lname == b"connection":
+                named = {t.strip().lower() for t in raw_value.split(b",")}
+                connection_named = named if connection_named is None else connection_named | named
+            continue
+        # kind == _FORWARDING
+        if peer_trusted:
+            if lname == b"x-forwarded-for":
+                prior_xff.append(raw_value.decode("latin-1"))
+            elif lname == b"forwarded":
+                prior_fwd.append(raw_value.decode("latin-1"))
+            else:
+                has_proto = has_proto or lname == b"x-forwarded-proto"
+                has_host = has_host or lname == b"x-forwarded-host"
+                out.append(raw_name + b": " + raw_value + b"\r\n")
+    if connection_named:
+        # RFC 9110 §7.6.1: fields the Connection field names are hop-by-hop too.
+        out = [f for f in out if f.split(b":", 1)[0].lower() not in connection_named]
+        if b"x-forwarded-proto" in connection_named:
+            has_proto = False
+        if b"x-forwarded-host" in connection_named:
+            has_host = False
+    this_hop = _forwarded_element(peer, host, scheme)
+    xff = ", ".join([*prior_xff, peer]) if prior_xff else peer
+    fwd = ", ".join([*prior_fwd, this_hop]) if prior_fwd else this_hop
+    ours = [("X-Forwarded-For", xff)]
+    if not has_proto:
+        ours.append(("X-Forwarded-Proto", scheme))
+    if not has_host:
+        ours.append(("X-Forwarded-Host", host))
+    ours.append(("Forwarded", fwd))
+    return b"".join(out), ours
+
+
 def upstream_headers(
     raw_headers: Sequence[tuple[bytes, bytes]],
     *,
@@ -103,73 +167,45 @@ def upstream_headers(
     scheme: str,
     host: str,
 ) -> list[tuple[str, str]]:
-    """The client's end-to-end headers, cleaned, plus the forwarding headers for this hop."""
-    connection_named: set[str] = set()
-    out: list[tuple[str, str]] = []
-    prior_xff: list[str] = []
-    prior_fwd: list[str] = []
-    kinds = _RAW_NAMES
-    for raw_name, raw_value in raw_headers:
-        known = kinds.get(raw_name)
-        if known is None:
-            known = _classify(raw_name)
-        name, lname, kind = known
-        if kind == _FORWARD:
-            out.append((name, raw_value.decode("latin-1")))
-            continue
-        if kind == _DROP:
-            continue
-        if kind == _HOP:
-            if lname == "connection":
-                connection_named.update(
-                    t.strip().lower() for t in raw_value.decode("latin-1").split(",")
-                )
-            continue
-        # kind == _FORWARDING
-        if peer_trusted:
-            if lname == "x-forwarded-for":
-                prior_xff.append(raw_value.decode("latin-1"))
-            elif lname == "forwarded":
-                prior_fwd.append(raw_value.decode("latin-1"))
-            else:
-                out.append((name, raw_value.decode("latin-1")))
-    if connection_named:
-        out = [(n, v) for n, v in out if n.lower() not in connection_named]
-    this_hop = _forwarded_element(peer, host, scheme)
-    xff = ", ".join([*prior_xff, peer]) if prior_xff else peer
-    fwd = ", ".join([*prior_fwd, this_hop]) if prior_fwd else this_hop
-    out.append(("X-Forwarded-For", xff))
-    if not (peer_trusted and any(n.lower() == "x-forwarded-proto" for n, _ in out)):
-        out.append(("X-Forwarded-Proto", scheme))
-    if not (peer_trusted and any(n.lower() == "x-forwarded-host" for n, _ in out)):
-        out.append(("X-Forwarded-Host", host))
-    out.append(("Forwarded", fwd))
-    return out
+    """`forwarded_fields` as one list of text pairs (the client's first, then this hop's)."""
+    block, ours = forwarded_fields(
+        raw_headers, peer=peer, peer_trusted=peer_trusted, scheme=scheme, host=host
+    )
+    fields = []
+    for line in block.decode("latin-1").split("\r\n")[:-1]:
+        name, _, value = line.partition(": ")
+        fields.append((name, value))
+    return fields + ours
 
 
-# What a client's field name is to the proxy, by its raw bytes: (name, lower-case name, kind).
+# What a client's field name is to the proxy, by its raw bytes: (lower-case name, kind).
 # Clients send the same few names over and over; a bounded cache makes the classification one
 # dict probe per field instead of a decode, a lower() and up to four set lookups.
 _FORWARD, _DROP, _HOP, _FORWARDING = 0, 1, 2, 3
-_RAW_NAMES: dict[bytes, tuple[str, str, int]] = {}
+_RAW_NAMES: dict[bytes, tuple[bytes, int]] = {}
 _RAW_NAMES_MAX = 4096
 
 
-def _classify(raw_name: bytes) -> tuple[str, str, int]:
-    name = raw_name.decode("latin-1")
-    lname = name.lower()
+def _classify(raw_name: bytes) -> tuple[bytes, int]:
+    lname = raw_name.decode("latin-1").lower()
     if lname in HOP_BY_HOP:
         kind = _HOP
     elif lname in FORWARDING:
         kind = _FORWARDING
-    elif lname.startswith(IDENTITY_PREFIX) or lname in GATEWAY_SET:
+    elif lname.startswith(IDENTITY_PREFIX) or lname in GATEWAY_SET or _proxy_named(lname):
         kind = _DROP
     else:
         kind = _FORWARD
-    known = (name, lname, kind)
+    known = (lname.encode("latin-1"), kind)
     if len(_RAW_NAMES) < _RAW_NAMES_MAX:
         _RAW_NAMES[raw_name] = known
     return known
+
+
+def _proxy_named(lname: str) -> bool:
+    # "Proxy" (httpoxy: CGI turns it into HTTP_PROXY) and the Proxy-* family address this hop,
+    # never the upstream; the upstream pool refuses to send them (gateway/upstream/client.py).
+    return lname == "proxy" or lname.startswith("proxy-")
 
 
 @functools.lru_cache(maxsize=1024)

@@ -20,7 +20,7 @@ from cityplane.problem import Problem
 from gateway import metrics
 from gateway.connections import GatewayLimits
 from gateway.exchange import Exchange
-from gateway.forwarding import RESPONSE_DROP, TrustedProxies, client_address, upstream_headers
+from gateway.forwarding import RESPONSE_DROP, TrustedProxies, client_address, forwarded_fields
 from gateway.h1server import ClientGone, IncomingRequest, encode_fields
 from gateway.paths import normalize_path, split_target
 from gateway.routing import CompiledRoute, MethodNotAllowed, RoutingTable
@@ -235,12 +235,13 @@ class RequestPath:
 
     def _forward_headers(
         self, request: IncomingRequest, ex: Exchange, peer: str, trusted: bool
-    ) -> list[tuple[str, str]]:
-        headers = upstream_headers(
+    ) -> tuple[bytes, list[tuple[str, str]]]:
+        """The client's fields as wire bytes, and the fields this hop adds."""
+        raw, headers = forwarded_fields(
             request.raw_headers, peer=peer, peer_trusted=trusted, scheme="http", host=request.host
         )
         headers.append(("X-Request-Id", ex.request_id))
-        return headers
+        return raw, headers
 
     async def _proxy(
         self,
@@ -252,7 +253,7 @@ class RequestPath:
         peer: str,
         trusted: bool,
     ) -> tuple[int, str]:
-        headers = self._forward_headers(request, ex, peer, trusted)
+        raw_fields, headers = self._forward_headers(request, ex, peer, trusted)
         _trace_id, traceparent = continue_trace(request.traceparent)
         span = None
         if self.tracing.enabled:
@@ -273,6 +274,7 @@ class RequestPath:
                 request_headers=request,
                 client_ip=ex.client_ip,
                 content_length=length,
+                raw_fields=raw_fields,
             )
         except BodyTooLarge:
             raise Problem(
@@ -339,7 +341,7 @@ class RequestPath:
         if target is None:
             raise Problem(503, "no-healthy-upstream", "no healthy upstream for this WebSocket")
         base, host = cluster.address(target)
-        headers = self._forward_headers(request, ex, peer, trusted)
+        raw_fields, headers = self._forward_headers(request, ex, peer, trusted)
         headers.extend(ex.upstream_headers)
         response_headers = [("X-Request-Id", ex.request_id), *ex.response_headers]
         status = await tunnel(
@@ -349,6 +351,7 @@ class RequestPath:
             host=host,
             path=route.upstream_path(path) + query,
             headers=headers,
+            raw_fields=raw_fields,
             response_headers=response_headers,
             timeout=cluster.request_timeout,
         )

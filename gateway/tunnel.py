@@ -118,6 +118,7 @@ async def tunnel(
     host: str,
     path: str,
     headers: list[tuple[str, str]],
+    raw_fields: bytes,
     response_headers: list[tuple[str, str]],
     timeout: float,  # noqa: ASYNC109 - the upstream's request timeout, for connect + answer
 ) -> int:
@@ -129,7 +130,7 @@ async def tunnel(
     client = request.conn
     loop = client.loop
     upstream_head, _chunked = encode_request_head(
-        request.method, base + path, [("Host", host), *headers], None, None
+        request.method, base + path, [("Host", host), *headers], None, None, raw_fields
     )
     # The pool never sends Connection or Upgrade; an upgrade request must (RFC 9110 §7.8).
     upgrade = (request.upgrade or "websocket").encode("latin-1")

@@ -82,11 +82,15 @@ def encode_request_head(
     headers: list[tuple[str, str]],
     body: bytes | AsyncIterable[bytes] | None,
     content_length: int | None,
+    raw_fields: bytes = b"",
 ) -> tuple[bytes, bool]:
     """The request head on the wire, plus whether the body is sent chunked.
 
     Raises ValueError for anything that would let a value escape its field (CR, LF, NUL),
-    invalid tokens, a missing or repeated Host, and fields the pool owns.
+    invalid tokens, a missing or repeated Host, and fields the pool owns. ``raw_fields`` are
+    fields already on the wire's form (``name: value\\r\\n`` each), as a client sent them and
+    the gateway cleaned them (`gateway.forwarding.forwarded_fields`): only their line
+    structure is checked here.
     """
     if method not in _METHODS_OK:
         if method == "CONNECT" or not _TOKEN.fullmatch(method):
@@ -104,6 +108,7 @@ def encode_request_head(
     if hosts != 1:
         raise ValueError(f"exactly one Host header is required, got {hosts}")
     chunked = False
+    framing_at = len(parts)
     if body is None or isinstance(body, bytes):
         if body:
             parts.append(f"Content-Length: {len(body)}\r\n")
@@ -135,6 +140,17 @@ def encode_request_head(
             if "\r" in value or "\n" in value or "\x00" in value:
                 raise ValueError(f"CR, LF or NUL in the value of header {name!r}")
         raise ValueError(f"CR, LF or NUL in request-target {target!r}")
+    if raw_fields:
+        crlf = raw_fields.count(b"\r\n")
+        if (
+            not raw_fields.endswith(b"\r\n")
+            or raw_fields.count(b"\n") != crlf
+            or raw_fields.count(b"\r") != crlf
+            or b"\x00" in raw_fields
+        ):
+            raise ValueError("raw fields must be whole lines without bare CR, LF or NUL")
+        framing = sum(len(part) for part in parts[framing_at:])  # ASCII: characters = bytes
+        head = head[:-framing] + raw_fields + head[-framing:]
     return head, chunked
 
 
@@ -203,6 +219,7 @@ class HostPool:
         *,
         timeout: float,  # noqa: ASYNC109 (one loop.call_at handle per request, see send())
         content_length: int | None = None,
+        raw_fields: bytes = b"",
     ) -> UpstreamResponse:
         """Send a request; return when the response head is complete.
 
@@ -211,7 +228,9 @@ class HostPool:
         for more body. A request on a reused connection that fails before any response byte is
         retried once on a new connection when that is safe (see the ADR).
         """
-        head, chunked = encode_request_head(method, target, headers, body, content_length)
+        head, chunked = encode_request_head(
+            method, target, headers, body, content_length, raw_fields
+        )
         if self._closed:
             raise UpstreamConnectError(f"{self!r} is closed")
         loop = self._loop

@@ -132,6 +132,7 @@ class UpstreamCluster:
         request_headers: HeaderSource,
         client_ip: str,
         content_length: int | None = None,
+        raw_fields: bytes = b"",
     ) -> tuple[UpstreamResponse, TargetState]:
         """Send one request; returns the response (caller releases it) and the target used.
 
@@ -175,6 +176,7 @@ class UpstreamCluster:
                         body,
                         timeout=self.request_timeout,
                         content_length=content_length,
+                        raw_fields=raw_fields,
                     )
                 except UpstreamError as exc:
                     if permit is not None:

@@ -44,3 +44,33 @@ def test_a_trusted_proxys_forwarding_fields_are_extended_not_replaced() -> None:
         assert out["Forwarded"] == (
             "for=203.0.113.9, for=10.0.0.7;host=api.city.example;proto=https"
         )
+
+
+def test_client_fields_go_upstream_as_the_bytes_the_client_sent() -> None:
+    from gateway.forwarding import forwarded_fields
+    from gateway.upstream.client import encode_request_head
+
+    raw = [
+        (b"Host", b"api.city.example"),
+        (b"X-Note", b"caf\xe9 \xe4\xb8\xad"),  # obs-text: forwarded untouched, not re-encoded
+        (b"Proxy", b"http://evil.example"),  # httpoxy: never forwarded
+        (b"Proxy-Foo", b"1"),
+        (b"Accept", b"*/*"),
+    ]
+    block, ours = forwarded_fields(
+        raw, peer="10.0.0.7", peer_trusted=False, scheme="https", host="api.city.example"
+    )
+    assert block == b"X-Note: caf\xe9 \xe4\xb8\xad\r\nAccept: */*\r\n"
+    head, _ = encode_request_head("GET", "/x", [("Host", "up"), *ours], None, None, block)
+    assert head.startswith(b"GET /x HTTP/1.1\r\nHost: up\r\nX-Forwarded-For: 10.0.0.7\r\n")
+    assert head.endswith(block + b"\r\n")
+
+
+def test_raw_fields_must_be_whole_lines() -> None:
+    import pytest
+
+    from gateway.upstream.client import encode_request_head
+
+    for bad in (b"A: 1", b"A: 1\nB: 2\r\n", b"A: 1\r\r\n", b"A: \x001\r\n"):
+        with pytest.raises(ValueError):
+            encode_request_head("GET", "/", [("Host", "up")], None, None, bad)
