@@ -37,7 +37,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 SMALL_BODY = 64 * 1024
 _NO_ROUTE = ("-", "-")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_DROP_UPSTREAM = RESPONSE_DROP | {"x-request-id"}
+_DROP_UPSTREAM = frozenset(n.encode("latin-1") for n in RESPONSE_DROP | {"x-request-id"})
 
 
 class BodyTooLarge(Exception):
@@ -287,12 +287,17 @@ class RequestPath:
                 client_span.end()
         conn = request.conn
         try:
-            # The gateway's own fields replace any of the same name from the upstream.
+            # The gateway's own fields replace any of the same name from the upstream. The
+            # upstream's fields are relayed as the bytes llhttp accepted (no CR, LF or NUL).
             own = [("X-Request-Id", ex.request_id), *route.response_headers, *ex.response_headers]
-            drop = _DROP_UPSTREAM if len(own) == 1 else _DROP_UPSTREAM | {n.lower() for n, _ in own}
-            fields = [(n, v) for n, v in up.headers if n.lower() not in drop]
-            fields.extend(own)
-            head = encode_fields(fields)
+            drop = (
+                _DROP_UPSTREAM
+                if len(own) == 1
+                else _DROP_UPSTREAM | {n.lower().encode("latin-1") for n, _ in own}
+            )
+            head = b"".join(
+                [n + b": " + v + b"\r\n" for n, v in up.raw_headers if n.lower() not in drop]
+            ) + encode_fields(own)
             status = up.status
             if span is not None:
                 span.set_attribute("http.response.status_code", status)

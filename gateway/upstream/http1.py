@@ -82,8 +82,8 @@ class UpstreamResponse:
         "_conn",
         "chunked",
         "content_length",
-        "headers",
         "keep_alive",
+        "raw_headers",
         "reason",
         "status",
     )
@@ -92,7 +92,7 @@ class UpstreamResponse:
         self,
         status: int,
         reason: str,
-        headers: list[tuple[str, str]],
+        raw_headers: list[tuple[bytes, bytes]],
         content_length: int | None,
         chunked: bool,
         keep_alive: bool,
@@ -100,8 +100,8 @@ class UpstreamResponse:
     ) -> None:
         self.status = status
         self.reason = reason
-        # As received, latin-1 decoded, hop-by-hop fields included: the caller filters.
-        self.headers = headers
+        # As received (llhttp checked them), hop-by-hop fields included: the caller filters.
+        self.raw_headers = raw_headers
         # The Content-Length field's value; HEAD, 204 and 304 responses have no body regardless.
         self.content_length = content_length
         self.chunked = chunked
@@ -110,6 +110,11 @@ class UpstreamResponse:
 
     def __repr__(self) -> str:
         return f"<UpstreamResponse {self.status} {self.reason!r}>"
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """The fields as text (latin-1, byte for byte); the proxy itself uses ``raw_headers``."""
+        return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.raw_headers]
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """Yield the body as it arrives; the socket is paused while the consumer lags behind."""
@@ -186,7 +191,7 @@ class Http1Connection(asyncio.Protocol):
         self._write_failed = False
         self._writing = False
         self._body_started = False
-        self._headers: list[tuple[str, str]] = []
+        self._headers: list[tuple[bytes, bytes]] = []
         self._reason = b""
         self._content_length: int | None = None
         self._chunked = False
@@ -280,7 +285,7 @@ class Http1Connection(asyncio.Protocol):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        self._headers.append((name, value))
         n = len(name)
         self._field_bytes += n + len(value)
         if n == 14 and name.lower() == b"content-length":
