@@ -4,13 +4,14 @@ refresh tokens, consents. Async SQLAlchemy Core; every write is one short transa
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Executable, bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from identity.accounts import Account, AccountStore, DuplicateError, Membership
 from identity.clients import ClientSpec, HubClient, digest, new_secret
+from identity.group_read import GroupedLookup
 from identity.models import (
     authorization_codes,
     clients,
@@ -20,7 +21,26 @@ from identity.models import (
 )
 from identity.sessions import DatabaseSessions, Session, SessionBackend
 
-__all__ = ["Account", "DuplicateError", "IdentityStore", "Membership", "Session"]
+__all__ = ["Account", "DuplicateError", "IdentityStore", "Membership", "Session", "Write"]
+
+
+class Write(NamedTuple):
+    """One statement a grant wants made, committed after the grant ran (ADR 0007).
+
+    ``must_match``: a conditional update (a code or a refresh token marked used) that must match
+    a row; when it matches none, a concurrent use won and the grant's writes are undone. The
+    statements on the token path are built once at import with bind parameters and run with
+    ``params``: building one per grant cost more CPU (SQLAlchemy's cache key over every column)
+    than running it."""
+
+    statement: Executable
+    params: dict[str, Any]
+    must_match: bool = False
+
+
+_CODE_BY_DIGEST = select(authorization_codes).where(
+    authorization_codes.c.digest == bindparam("digest")
+)
 
 
 class IdentityStore(AccountStore):
@@ -37,6 +57,8 @@ class IdentityStore(AccountStore):
         # database off the client-credentials hot path; admin writes on this replica drop it.
         self._client_ttl = client_cache_ttl
         self._client_cache: dict[str, tuple[float, HubClient | None]] = {}
+        # Every refresh grant reads its token first; concurrent grants share one SELECT.
+        self._refresh_tokens = GroupedLookup(engine, refresh_tokens.c.digest)
 
     # --- clients
     async def client(self, client_id: str) -> HubClient | None:
@@ -153,12 +175,12 @@ class IdentityStore(AccountStore):
         return await self.sessions.of_account(account_id)
 
     # --- authorization codes and refresh tokens (rows written after Authlib's grant ran)
-    async def write(self, statements: list[Any]) -> bool:
+    async def write(self, writes: list[Write]) -> bool:
         """Run the grant's writes in one transaction. Conditional updates (a code or a refresh
         token marked used) that match no row mean a concurrent use won: roll back, say False."""
         async with self._w.begin() as conn:
-            for statement, must_match in statements:
-                result = await conn.execute(statement)
+            for statement, params, must_match in writes:
+                result = await conn.execute(statement, params)
                 if must_match and not result.rowcount:
                     await conn.rollback()
                     return False
@@ -166,31 +188,12 @@ class IdentityStore(AccountStore):
 
     async def code(self, code_digest: str) -> dict[str, Any] | None:
         async with self.engine.connect() as conn:
-            row = (
-                (
-                    await conn.execute(
-                        select(authorization_codes).where(
-                            authorization_codes.c.digest == code_digest
-                        )
-                    )
-                )
-                .mappings()
-                .first()
-            )
+            result = await conn.execute(_CODE_BY_DIGEST, {"digest": code_digest})
+            row = result.mappings().first()
         return None if row is None else dict(row)
 
     async def refresh_token(self, token_digest: str) -> dict[str, Any] | None:
-        async with self.engine.connect() as conn:
-            row = (
-                (
-                    await conn.execute(
-                        select(refresh_tokens).where(refresh_tokens.c.digest == token_digest)
-                    )
-                )
-                .mappings()
-                .first()
-            )
-        return None if row is None else dict(row)
+        return await self._refresh_tokens.get(token_digest)
 
     async def revoke_family(self, family: str) -> None:
         async with self._w.begin() as conn:

@@ -24,14 +24,31 @@ from authlib.oauth2.rfc6749 import grants as oauth2_grants
 from authlib.oauth2.rfc6749.requests import JsonPayload, JsonRequest, OAuth2Payload
 from authlib.oauth2.rfc7636 import CodeChallenge
 from authlib.oidc.core.grants import OpenIDCode
-from sqlalchemy import insert, update
+from sqlalchemy import bindparam, insert, update
 
 from identity.clients import HubClient, digest
 from identity.keys import KeyRing
 from identity.models import authorization_codes, refresh_tokens
-from identity.store import Account
+from identity.store import Account, Write
 
 ACCESS_TOKEN_TYPE = "at+jwt"  # RFC 9068 §2.1
+
+# The grants' writes, built once (see `Write`). The conditional updates are the single-use
+# rules: a code (RFC 6749 §4.1.2) and a rotated refresh token (RFC 9700 §4.14.2) are used once.
+_INSERT_CODE = insert(authorization_codes)
+_MARK_CODE_USED = (
+    update(authorization_codes)
+    .where(authorization_codes.c.digest == bindparam("presented"))
+    .where(authorization_codes.c.used.is_(False))
+    .values(used=True)
+)
+_INSERT_REFRESH_TOKEN = insert(refresh_tokens)
+_MARK_REFRESH_TOKEN_USED = (
+    update(refresh_tokens)
+    .where(refresh_tokens.c.digest == bindparam("presented"))
+    .where(refresh_tokens.c.used_at.is_(None))
+    .values(used_at=bindparam("now"))
+)
 
 
 @dataclass(slots=True)
@@ -46,7 +63,7 @@ class GrantContext:
     auth: dict[str, Any] = field(default_factory=dict)
     session_id: str | None = None
     family: str | None = None
-    writes: list[tuple[Any, bool]] = field(default_factory=list)
+    writes: list[Write] = field(default_factory=list)
     issued: dict[str, Any] = field(default_factory=dict)
     server: HubAuthorizationServer | None = None
 
@@ -156,21 +173,21 @@ class HubAuthorizationServer(AuthorizationServer):
         if refresh:
             now = time.time()
             ctx.writes.append(
-                (
-                    insert(refresh_tokens).values(
-                        digest=digest(refresh),
-                        family=ctx.family or secrets.token_hex(16),
-                        client_id=request.client.client_id,
-                        account_id=ctx.account.id if ctx.account else None,
-                        session_id=ctx.session_id,
-                        scope=token.get("scope", ""),
-                        auth=ctx.auth,
-                        created_at=now,
-                        expires_at=now + self.refresh_token_ttl,
-                        used_at=None,
-                        revoked=False,
-                    ),
-                    False,
+                Write(
+                    _INSERT_REFRESH_TOKEN,
+                    {
+                        "digest": digest(refresh),
+                        "family": ctx.family or secrets.token_hex(16),
+                        "client_id": request.client.client_id,
+                        "account_id": ctx.account.id if ctx.account else None,
+                        "session_id": ctx.session_id,
+                        "scope": token.get("scope", ""),
+                        "auth": ctx.auth,
+                        "created_at": now,
+                        "expires_at": now + self.refresh_token_ttl,
+                        "used_at": None,
+                        "revoked": False,
+                    },
                 )
             )
 
@@ -247,22 +264,22 @@ class AuthorizationCodeGrant(oauth2_grants.AuthorizationCodeGrant):
         data = request.payload.data
         assert ctx.account is not None
         ctx.writes.append(
-            (
-                insert(authorization_codes).values(
-                    digest=digest(code),
-                    client_id=request.client.client_id,
-                    account_id=ctx.account.id,
-                    session_id=ctx.session_id,
-                    redirect_uri=request.payload.redirect_uri or "",
-                    scope=request.scope or "",
-                    nonce=data.get("nonce"),
-                    code_challenge=data.get("code_challenge"),
-                    code_challenge_method=data.get("code_challenge_method"),
-                    auth=ctx.auth,
-                    expires_at=time.time() + server.code_ttl,
-                    used=False,
-                ),
-                False,
+            Write(
+                _INSERT_CODE,
+                {
+                    "digest": digest(code),
+                    "client_id": request.client.client_id,
+                    "account_id": ctx.account.id,
+                    "session_id": ctx.session_id,
+                    "redirect_uri": request.payload.redirect_uri or "",
+                    "scope": request.scope or "",
+                    "nonce": data.get("nonce"),
+                    "code_challenge": data.get("code_challenge"),
+                    "code_challenge_method": data.get("code_challenge_method"),
+                    "auth": ctx.auth,
+                    "expires_at": time.time() + server.code_ttl,
+                    "used": False,
+                },
             )
         )
 
@@ -277,13 +294,7 @@ class AuthorizationCodeGrant(oauth2_grants.AuthorizationCodeGrant):
     def delete_authorization_code(self, authorization_code: _Code) -> None:
         # Single use (RFC 6749 §4.1.2): a concurrent exchange of the same code loses the race.
         current().writes.append(
-            (
-                update(authorization_codes)
-                .where(authorization_codes.c.digest == authorization_code.row["digest"])
-                .where(authorization_codes.c.used.is_(False))
-                .values(used=True),
-                True,
-            )
+            Write(_MARK_CODE_USED, {"presented": authorization_code.row["digest"]}, True)
         )
 
     def authenticate_user(self, authorization_code: _Code) -> Account | None:
@@ -376,14 +387,9 @@ class RefreshTokenGrant(oauth2_grants.RefreshTokenGrant):
         return current().account
 
     def revoke_old_credential(self, refresh_token: _Refresh) -> None:
+        presented = refresh_token.row["digest"]
         current().writes.append(
-            (
-                update(refresh_tokens)
-                .where(refresh_tokens.c.digest == refresh_token.row["digest"])
-                .where(refresh_tokens.c.used_at.is_(None))
-                .values(used_at=time.time()),
-                True,
-            )
+            Write(_MARK_REFRESH_TOKEN_USED, {"presented": presented, "now": time.time()}, True)
         )
 
 
