@@ -32,6 +32,14 @@ from bench.issuer import create_issuer, issuer_url
 from bench.nginx import start_upstream
 from bench.processes import CORE_LOAD, CORE_UNDER_TEST, BenchError, Supervisor, free_port
 from bench.profile import print_profile, record
+from bench.redis_server import (
+    MISSING,
+    local_url,
+    redis_answers,
+    redis_server_installed,
+    redis_server_version,
+    start_redis,
+)
 from bench.report import derive, print_summary, summarize_phase, targets, write_results
 from bench.routes import print_routes, run_routes
 from bench.tools import (
@@ -40,7 +48,6 @@ from bench.tools import (
     git_state,
     load_average,
     machine,
-    redis_answers,
     require_two_cores,
     timestamp,
 )
@@ -87,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="also measure routing at scale: 10-10,000 routes, worker RSS (bench/routes.py)",
     )
-    p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis for gateway-redis")
+    p.add_argument(
+        "--redis",
+        metavar="URL",
+        help="measure gateway-redis against this Redis (default: a redis-server of the "
+        "benchmark's own, pinned to the load core)",
+    )
     p.add_argument("--results", type=Path, default=RESULTS, help="directory for the JSON files")
     return p
 
@@ -100,6 +112,19 @@ def _select(only: list[str] | None) -> list[Configuration]:
     if unknown:
         raise BenchError(f"unknown configuration {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
     return [c for c in CONFIGURATIONS if c.name in names]
+
+
+def _redis_unusable(url: str | None) -> str | None:
+    """Why gateway-redis cannot run, or None: the given Redis must answer, else we start one."""
+    if url is not None:
+        return None if redis_answers(url) else f"Redis does not answer at {url}"
+    return None if redis_server_installed() else MISSING
+
+
+def _redis_facts(url: str | None) -> dict[str, Any]:
+    if url is not None:
+        return {"server": "given", "url": url}
+    return {"server": "own", "version": redis_server_version(), "core": CORE_LOAD}
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -138,12 +163,15 @@ def run(args: argparse.Namespace) -> int:
     ensure_tools()
     require_two_cores()
     skipped: dict[str, str] = {}
-    if any(c.needs_redis for c in configurations) and not redis_answers(args.redis):
+    needs_redis = any(c.needs_redis for c in configurations)
+    unusable = _redis_unusable(args.redis) if needs_redis else None
+    if unusable is not None:
         for c in configurations:
             if c.needs_redis:
-                skipped[c.name] = f"Redis does not answer at {args.redis}"
-                print(f"bench: skipping {c.name}: {skipped[c.name]}", file=sys.stderr)
+                skipped[c.name] = unusable
+                print(f"bench: skipping {c.name}: {unusable}", file=sys.stderr)
         configurations = [c for c in configurations if not c.needs_redis]
+        needs_redis = False
     if not configurations:
         raise BenchError("nothing left to measure")
     plan = Plan(tuple(configurations), plan.rounds, plan.duration, plan.warmup, plan.connections)
@@ -172,7 +200,12 @@ def run(args: argparse.Namespace) -> int:
         issuer = create_issuer(issuer_url(upstream_port))
         issuer.write(supervisor.workdir)
         upstream = start_upstream(supervisor, upstream_port, core=CORE_LOAD)
-        env = Environment(supervisor, upstream, upstream_port, args.redis, issuer)
+        redis_url = args.redis
+        if needs_redis and redis_url is None:
+            redis_port = free_port()
+            start_redis(supervisor, redis_port, core=CORE_LOAD)
+            redis_url = local_url(redis_port)
+        env = Environment(supervisor, upstream, upstream_port, redis_url, issuer)
         scripts = write_scripts(supervisor.workdir)
         campaign = Campaign(env, plan, scripts)
         campaign.saturation_rounds()
@@ -228,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
             "wrk_threads": 1,
         },
         "skipped": skipped,
+        "redis": _redis_facts(args.redis) if needs_redis else None,
         "paced_rate": paced_rate,
         "summary": {SATURATION: saturation, PACED: paced_summary},
         "derived": derived,

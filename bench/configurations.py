@@ -20,7 +20,7 @@ class Environment:
     supervisor: Supervisor
     upstream: Supervised
     upstream_port: int
-    redis_url: str
+    redis_url: str | None  # gateway-redis's Redis: the benchmark's own, or --redis
     issuer: BenchIssuer  # its documents are served by the upstream
 
 

@@ -9,12 +9,10 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import socket
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from bench.processes import BenchError
 
@@ -58,19 +56,6 @@ def require_two_cores() -> None:
             "the benchmark pins the process under test and the load generator to different "
             f"cores; this machine has {cores}"
         )
-
-
-def redis_answers(url: str) -> bool:
-    """A raw PING, so that the benchmark itself needs no Redis client."""
-    parts = urlsplit(url)
-    try:
-        with socket.create_connection(
-            (parts.hostname or "127.0.0.1", parts.port or 6379), timeout=1.0
-        ) as conn:
-            conn.sendall(b"PING\r\n")
-            return conn.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
 
 
 def load_average() -> float:
