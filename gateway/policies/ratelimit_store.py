@@ -277,8 +277,47 @@ class _Script:
 _HIT = _Script(_HIT_SCRIPT)
 _HEARTBEAT = _Script(_HEARTBEAT_SCRIPT)
 
-# A queued hit: Redis key, limit, window (µs), and the future its caller awaits.
-_Pending = tuple[str, int, int, "asyncio.Future[list[Any]]"]
+
+def _pack_with_hiredis(client: Redis) -> None:
+    """Have hiredis pack ``client``'s commands in C, as redis-py's synchronous client does.
+
+    redis-py's asyncio connections pack in Python, a bytes join per argument, three per hit
+    (key, limit, window): 22k of the store's 67k instructions per hit in batches of 16
+    (cachegrind). Same bytes on the wire; without hiredis installed, nothing changes.
+    """
+    try:
+        from hiredis import pack_command
+    except ImportError:
+        return
+    from redis.exceptions import DataError
+
+    def pack(self: object, *args: Any) -> list[bytes]:
+        # As redis-py's HiredisRespSerializer, without its per-argument copy of bytearrays and
+        # memoryviews, which this store never sends.
+        name = args[0]
+        if (isinstance(name, str) and " " in name) or (isinstance(name, bytes) and b" " in name):
+            args = (*name.split(), *args[1:])  # "SCRIPT LOAD": words go as separate arguments
+        try:
+            return [pack_command(args)]
+        except TypeError as exc:  # what redis-py's own packing raises for a bad argument
+            raise DataError(str(exc)) from exc
+
+    pool = client.connection_pool
+    base = pool.connection_class  # Connection, SSLConnection or UnixDomainSocketConnection
+    pool.connection_class = type(f"HiredisPacked{base.__name__}", (base,), {"pack_command": pack})
+
+
+class _Batch:
+    """One loop iteration's hits in arrival order, laid out as the script takes them:
+    ``keys[i]`` with ``args[2i:2i + 2]`` (limit, window in µs), answered via ``futures[i]``.
+    A tuple per hit, regrouped by the flusher, cost 8 % of the store's instructions per hit."""
+
+    __slots__ = ("args", "futures", "keys")
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.args: list[int] = []
+        self.futures: list[asyncio.Future[list[int]]] = []
 
 
 class RedisStore:
@@ -297,8 +336,8 @@ class RedisStore:
 
     ``start()`` also runs a heartbeat that registers this replica in ``<prefix>members`` and
     keeps :attr:`replicas` (the number of live replicas) for ``onStoreError: local``.
-    Give it a client without retries and with short socket timeouts (see :meth:`from_url`);
-    the deadline caps a client that retries anyway.
+    Give it a client without retries (see :meth:`from_url`): the deadline caps a client that
+    retries anyway, and bounds every call, so the client needs no socket timeouts of its own.
     """
 
     def __init__(
@@ -329,22 +368,29 @@ class RedisStore:
         self.degraded = False
         self._probe: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
-        self._queue: list[_Pending] = []  # hits of this loop iteration, not yet sent
+        self._batch = _Batch()  # hits of this loop iteration, not yet sent
         self._flushers: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.1, **options: Any) -> RedisStore:
-        """A store with its own client tuned for the request path (no retries, short timeouts)."""
+        """A store with its own client tuned for the request path.
+
+        No retries, a short connect timeout, and no timeout on reads and writes: every call
+        the store makes already runs under its ``timeout`` deadline, and with a socket timeout
+        redis-py runs each write in ``asyncio.wait_for`` (a task per command). Commands are
+        packed in C by hiredis (:func:`_pack_with_hiredis`).
+        """
         from redis.asyncio import Redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
         client = Redis.from_url(
             url,
-            socket_timeout=timeout,
+            socket_timeout=None,  # redis-py's default is 5 s
             socket_connect_timeout=timeout,
             retry=Retry(NoBackoff(), 0),
         )
+        _pack_with_hiredis(client)
         store = cls(client, timeout=timeout, **options)
         store._owns_client = True
         return store
@@ -352,31 +398,36 @@ class RedisStore:
     async def hit(self, key: str, limit: int, window: float) -> Decision:
         if self.degraded:
             raise StoreUnavailable("redis is unreachable; waiting for the probe")
-        window_us = max(1, round(window * _US))
-        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        queue = self._queue
-        queue.append((self._prefix + key, limit, window_us, future))
-        if len(queue) == 1:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[int]] = loop.create_future()
+        batch = self._batch
+        batch.keys.append(self._prefix + key)
+        batch.args += (limit, max(1, round(window * _US)))
+        batch.futures.append(future)
+        if len(batch.futures) == 1:
             # The first hit of this loop iteration starts the flusher; it runs on the next
-            # iteration, by when every hit of this one has joined the queue.
-            task = asyncio.get_running_loop().create_task(self._flush(queue))
+            # iteration, by when every hit of this one has joined the batch.
+            task = loop.create_task(self._flush(batch))
             self._flushers.add(task)
             task.add_done_callback(self._flushers.discard)
         allowed, remaining, reset_us = await future
-        return Decision(bool(allowed), limit, int(remaining), int(reset_us) / _US)
+        # A script's numbers come back as ints (Redis integer replies), whatever the parser.
+        return Decision(allowed == 1, limit, remaining, reset_us / _US)
 
-    async def _flush(self, queue: list[_Pending]) -> None:
-        """Send the queued hits in one EVALSHA (per ``_MAX_BATCH``) and answer each waiter."""
-        self._queue = []
+    async def _flush(self, batch: _Batch) -> None:
+        """Send the batch in one EVALSHA (per ``_MAX_BATCH`` hits) and answer each waiter."""
+        self._batch = _Batch()
+        keys, args, futures = batch.keys, batch.args, batch.futures
         try:
             async with asyncio.timeout(self._timeout):
-                replies = []
+                replies: list[Any] = []
                 # Rarely more than one chunk; in order, so that a key repeated across chunks
                 # is counted in arrival order (concurrent chunks could overtake each other).
-                for i in range(0, len(queue), _MAX_BATCH):
-                    replies += await self._evaluate(queue[i : i + _MAX_BATCH])
-                if len(replies) != len(queue):
-                    raise ValueError(f"{len(replies)} answers to {len(queue)} hits")
+                for start in range(0, len(keys), _MAX_BATCH):
+                    end = start + _MAX_BATCH
+                    replies += await _HIT(self._redis, keys[start:end], *args[2 * start : 2 * end])
+                if len(replies) != len(keys):
+                    raise ValueError(f"{len(replies)} answers to {len(keys)} hits")
         # Whatever the client raises (connection, timeout, OOM, READONLY, a driver bug), every
         # waiter must get a StoreUnavailable the policy knows how to handle, never a 500.
         except BaseException as exc:
@@ -384,7 +435,7 @@ class RedisStore:
                 self._fail(exc)
             detail = str(exc) or f"no answer within {self._timeout:g}s"
             message = f"redis: {type(exc).__name__}: {detail}"
-            for *_, future in queue:
+            for future in futures:
                 if not future.done():
                     error = StoreUnavailable(message)
                     error.__cause__ = exc
@@ -392,17 +443,9 @@ class RedisStore:
             if not isinstance(exc, Exception):
                 raise  # cancelled (close()): the waiters have their answer, the task stops
             return
-        for (*_, future), reply in zip(queue, replies, strict=True):
+        for future, reply in zip(futures, replies, strict=True):
             if not future.done():  # its caller may have been cancelled meanwhile
                 future.set_result(reply)
-
-    async def _evaluate(self, batch: list[_Pending]) -> list[Any]:
-        keys = [key for key, _, _, _ in batch]
-        args: list[int] = []
-        for _, limit, window_us, _ in batch:
-            args += (limit, window_us)
-        replies: list[Any] = await _HIT(self._redis, keys, *args)
-        return replies
 
     def _fail(self, exc: BaseException) -> None:
         metrics.RATELIMIT_DEGRADED.set(1)
