@@ -74,3 +74,20 @@ def test_raw_fields_must_be_whole_lines() -> None:
     for bad in (b"A: 1", b"A: 1\nB: 2\r\n", b"A: 1\r\r\n", b"A: \x001\r\n"):
         with pytest.raises(ValueError):
             encode_request_head("GET", "/", [("Host", "up")], None, None, bad)
+
+
+async def test_a_request_with_proxy_fields_is_served_without_them(
+    upstreams, gateway_factory, http
+) -> None:
+    from tests.conftest import service
+
+    up = await upstreams()
+    gw = await gateway_factory(
+        [service("svc", [up.url], [{"name": "all", "match": {"pathPrefix": "/"}}])]
+    )
+    headers = {"Proxy": "http://evil.example", "Proxy-Foo": "1", "X-Kept": "yes"}
+    async with http.get(gw.url + "/x", headers=headers) as resp:
+        assert resp.status == 200  # a Proxy-* field used to fail the request with 500
+    seen = {k.lower() for k in up.requests[-1]["headers"]}
+    assert "x-kept" in seen
+    assert "proxy" not in seen and "proxy-foo" not in seen
