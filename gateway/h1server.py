@@ -790,10 +790,12 @@ class ClientConnection(asyncio.Protocol):
         self._close_after_write()
 
     def _close_after_write(self) -> None:
+        self._stop_parsing = True  # bytes that still arrive are not requests of ours
         if self.transport is not None and not self.closed:
             self.transport.close()  # the buffer is flushed first
 
     def _close(self) -> None:
+        self._stop_parsing = True
         if self.transport is not None and not self.closed:
             self.transport.close()
 
