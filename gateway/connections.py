@@ -7,14 +7,11 @@ docs/adr/0013-own-http1-server.md).
 
 from __future__ import annotations
 
-import logging
 import resource
 from typing import Any
 
 from gateway import metrics
 from gateway.h1server import FrontServer
-
-log = logging.getLogger("cityplane.gateway")
 
 
 def default_max_connections() -> int:

@@ -46,6 +46,9 @@ RESPONSE_DROP = frozenset(
         "server",
     }
 )
+# The same, as the lower-case bytes the upstream pool reads, plus X-Request-Id: the gateway
+# always sets its own on the client's answer.
+UPSTREAM_RESPONSE_DROP = frozenset(n.encode("latin-1") for n in RESPONSE_DROP | {"x-request-id"})
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

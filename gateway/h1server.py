@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, cast
 
 import httptools
@@ -64,8 +66,6 @@ def status_line(status: int, reason: str | None = None) -> bytes:
     line = _STATUS_LINES.get((status, reason))
     if line is not None:
         return line
-    from http import HTTPStatus
-
     try:
         phrase = reason if reason is not None else HTTPStatus(status).phrase
     except ValueError:
@@ -187,7 +187,6 @@ class IncomingRequest:
         "request_id",
         "traceparent",
         "upgrade",
-        "upgrade_data",
         "upgrading",
         "version",
     )
@@ -203,7 +202,6 @@ class IncomingRequest:
         self.chunked = False
         self.expect_continue = False
         self.upgrade: str | None = None  # the Upgrade field, lower-cased
-        self.upgrade_data = b""  # bytes after an upgrade request's head
         self.upgrading = False  # the parser stopped after this head (Upgrade, or CONNECT)
         self.request_id: str | None = None
         self.traceparent: str | None = None
@@ -729,7 +727,6 @@ class ClientConnection(asyncio.Protocol):
         if req is None:
             self._close()
             return
-        req.upgrade_data = rest
         req.upgrading = True
         # Until the handler decides, bytes from the client are held (and reading paused).
         self._tunnel_pending = [rest] if rest else []
@@ -938,16 +935,13 @@ class FrontServer:
         self._connections: set[ClientConnection] = set()
         self.draining = False
         self.refused = 0
-        self.local_host = "localhost"
-        self.clock_offset = 0.0
+        self.local_host = "localhost"  # Host of an HTTP/1.0 request that names none
         self._on_refused = on_refused
         self._refusal = raw_problem(
             Problem(503, "too-many-connections", "this gateway worker is at its connection limit"),
             "Retry-After: 1\r\n",
         )
         self._refusal_logged = 0.0
-        import time
-
         # Date fields come from the loop's monotonic clock plus this offset: one call fewer.
         self.clock_offset = time.time() - self.loop.time()
 

@@ -20,7 +20,12 @@ from cityplane.problem import Problem
 from gateway import metrics
 from gateway.connections import GatewayLimits
 from gateway.exchange import Exchange
-from gateway.forwarding import RESPONSE_DROP, TrustedProxies, client_address, forwarded_fields
+from gateway.forwarding import (
+    UPSTREAM_RESPONSE_DROP,
+    TrustedProxies,
+    client_address,
+    forwarded_fields,
+)
 from gateway.h1server import ClientGone, IncomingRequest, encode_fields
 from gateway.paths import normalize_path, split_target
 from gateway.routing import CompiledRoute, MethodNotAllowed, RoutingTable
@@ -37,7 +42,6 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 SMALL_BODY = 64 * 1024
 _NO_ROUTE = ("-", "-")
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_DROP_UPSTREAM = frozenset(n.encode("latin-1") for n in RESPONSE_DROP | {"x-request-id"})
 
 
 class BodyTooLarge(Exception):
@@ -291,9 +295,9 @@ class RequestPath:
             # upstream's fields are relayed as the bytes llhttp accepted (no CR, LF or NUL).
             own = [("X-Request-Id", ex.request_id), *route.response_headers, *ex.response_headers]
             drop = (
-                _DROP_UPSTREAM
+                UPSTREAM_RESPONSE_DROP
                 if len(own) == 1
-                else _DROP_UPSTREAM | {n.lower().encode("latin-1") for n, _ in own}
+                else UPSTREAM_RESPONSE_DROP | {n.lower().encode("latin-1") for n, _ in own}
             )
             head = b"".join(
                 [n + b": " + v + b"\r\n" for n, v in up.raw_headers if n.lower() not in drop]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from cityplane.problem import Problem
+from gateway.forwarding import UPSTREAM_RESPONSE_DROP
 from gateway.h1server import encode_fields
 from gateway.upstream.client import encode_request_head
 
@@ -28,7 +29,6 @@ log = logging.getLogger("cityplane.gateway")
 
 # An upstream's refusal of an upgrade is relayed if its body is at most this large.
 MAX_REFUSAL_BODY = 64 * 1024
-_RESPONSE_DROP = frozenset({b"content-length", b"transfer-encoding", b"connection", b"keep-alive"})
 
 
 class _UpstreamSide(asyncio.Protocol):
@@ -161,7 +161,7 @@ async def tunnel(
         fields = [
             (n.decode("latin-1"), v.decode("latin-1"))
             for n, v in side.headers
-            if n.lower() not in _RESPONSE_DROP
+            if n.lower() not in UPSTREAM_RESPONSE_DROP
         ]
         side.close()
         client.respond(
