@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import httptools
 
@@ -180,6 +180,7 @@ class IncomingRequest:
         "expect_continue",
         "forwarded_for",
         "host",
+        "inline",
         "keep_alive",
         "method",
         "raw_headers",
@@ -213,6 +214,9 @@ class IncomingRequest:
         self._body_waiter: asyncio.Future[None] | None = None
         self._error: Problem | None = None
         self._expect: bytes | None = None
+        # Set by the request path while the request is handled without a task, or handed
+        # over to the task mid-way (docs/adr/0014-inline-exchanges.md).
+        self.inline: InlineState | None = None
 
     @property
     def headers(self) -> RequestHeaders:
@@ -283,6 +287,15 @@ class IncomingRequest:
 
 
 Handler = Callable[[IncomingRequest], Awaitable[None]]
+# What a handler's ``dispatch`` did with a request (ADR 14): see gateway.server.
+_DONE, _IN_FLIGHT, _TASK = 0, 1, 2
+
+
+class InlineState(Protocol):
+    """A request's state while the request path handles it without a task."""
+
+    def client_lost(self) -> None:
+        """The client closed: give up what is under way and account for the request."""
 
 
 class ClientConnection(asyncio.Protocol):
@@ -354,6 +367,9 @@ class ClientConnection(asyncio.Protocol):
             waiter.set_exception(ClientGone("the client closed the connection"))
         for req in self._queue:
             req._wake()
+        inline = self._queue[0].inline if self._queue else None
+        if inline is not None:
+            inline.client_lost()  # an upstream exchange under way without a task
         if self.on_lost is not None:
             self.on_lost()  # a tunnel ends with its client; its handler returns by itself
         elif self._task is not None and not self._task.done():
@@ -398,8 +414,8 @@ class ClientConnection(asyncio.Protocol):
                 return
         # Handlers start only once the parser has accepted everything it was given: llhttp
         # checks some framing (an unknown transfer coding, a bad chunk) after the head.
-        if self._queue and not self.closed:
-            self._wake_runner()
+        if self._queue and not self._busy and not self.closed:
+            self._dispatch_queued()
         if self._in_head and not self._head_started:
             # Bytes of a head that is not complete yet: the header clock starts (ADR 11).
             self._head_started = now = self.loop.time()
@@ -534,7 +550,72 @@ class ClientConnection(asyncio.Protocol):
 
     # -- requests --------------------------------------------------------------------------------
 
+    def _dispatch_queued(self) -> None:
+        """Start the queued requests in turn: each without a task if the request path can
+        (ADR 14), else the connection's task takes it and the ones after it."""
+        queue = self._queue
+        dispatch = self.server.dispatch
+        while queue and not self._busy and not self.closed:
+            req = queue[0]
+            self._head_sent = False
+            self._keep_after = True
+            self._busy = True
+            if dispatch is None:
+                self._wake_runner()
+                return
+            try:
+                outcome = dispatch(req)
+            except Exception:  # noqa: BLE001 - a bug: request_crashed logs it, answers 500
+                self.request_crashed(req)  # answered 500, and the connection closes
+                return
+            if outcome == _IN_FLIGHT:
+                return  # request_done() or hand_over() follows
+            if outcome == _TASK:
+                self._wake_runner()
+                return
+            if not self._finish():
+                return
+
+    def request_done(self, req: IncomingRequest) -> None:
+        """An inline request has been answered (ADR 14): on to the next one."""
+        if self._finish():
+            self._dispatch_queued()
+
+    def hand_over(self, req: IncomingRequest) -> None:
+        """An inline request has to wait: the connection's task goes on with it."""
+        self._wake_runner()
+
+    def request_crashed(self, req: IncomingRequest) -> None:
+        """A bug while handling ``req``: the client still gets an answer (then the connection
+        closes), the log the trace."""
+        log.exception("unhandled error handling %s %s", req.method, req.raw_path)
+        self._busy = False
+        if self._head_sent or self.closed:
+            self._close()
+            return
+        self.respond_problem(req, Problem(500, "internal-error"), close=True)
+
+    def _finish(self) -> bool:
+        """The request at the head of the queue is answered; returns whether the connection
+        goes on with the next one."""
+        self._busy = False
+        queue = self._queue
+        queue.popleft()
+        if self.closed or self._tunnel is not None or not self._keep_after:
+            return False
+        if self._stop_parsing and not queue:
+            if self._refusal is not None:
+                self.write_raw(raw_problem(self._refusal))
+            self._close_after_write()
+            return False
+        if self._reading_paused and len(queue) <= PIPELINE_DEPTH:
+            self._resume_reading()
+        if not queue:
+            self._idle_since = self.loop.time()
+        return True
+
     def _wake_runner(self) -> None:
+        self._busy = True  # the task owns the head of the queue until it is answered
         if self._task is None:
             self._task = self.loop.create_task(self._run())
             return
@@ -549,38 +630,26 @@ class ClientConnection(asyncio.Protocol):
         queue = self._queue
         try:
             while True:
-                if not queue:
+                if not queue or not self._busy:
                     self._idle_since = self.loop.time()
                     self._next = self.loop.create_future()
                     await self._next
                     continue
                 req = queue[0]
-                self._head_sent = False
-                self._keep_after = True
-                self._busy = True
                 try:
                     await handler(req)
                 except (ClientGone, ConnectionError):
                     self._close()
                     return
-                except Exception:  # a bug: the client still gets an answer, the log the trace
-                    log.exception("unhandled error handling %s %s", req.method, req.raw_path)
-                    if self._head_sent or self.closed:
-                        self._close()
-                        return
-                    self.respond_problem(req, Problem(500, "internal-error"), close=True)
-                finally:
-                    self._busy = False
-                queue.popleft()
-                if self.closed or self._tunnel is not None or not self._keep_after:
+                except Exception:  # noqa: BLE001 - a bug: request_crashed logs it, answers 500
+                    self.request_crashed(req)  # answered 500, and the connection closes
                     return
-                if self._stop_parsing and not queue:
-                    if self._refusal is not None:
-                        self.write_raw(raw_problem(self._refusal))
-                    self._close_after_write()
+                if not self._finish():
                     return
-                if self._reading_paused and len(queue) <= PIPELINE_DEPTH:
-                    self._resume_reading()
+                if queue:
+                    self._head_sent = False
+                    self._keep_after = True
+                    self._busy = True
         finally:
             self._task = None
             self._next = None
@@ -773,7 +842,8 @@ class ClientConnection(asyncio.Protocol):
         if self._queue:
             # Earlier requests are still to be answered: the refusal follows their answers.
             self._refusal = problem
-            self._wake_runner()
+            if not self._busy:
+                self._dispatch_queued()
             return
         self._refuse(problem)
 
@@ -930,6 +1000,8 @@ class FrontServer:
 
     def __init__(self, handler: Handler, limits: GatewayLimits, *, on_refused: Any = None) -> None:
         self.handler = handler
+        # Requests that need not wait are started from the protocol's callbacks (ADR 14).
+        self.dispatch: Callable[[IncomingRequest], int] | None = getattr(handler, "dispatch", None)
         self.limits = limits
         self.loop = asyncio.get_running_loop()
         self._connections: set[ClientConnection] = set()

@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from random import getrandbits
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from cityplane.problem import Problem
 from gateway import metrics
@@ -31,9 +31,13 @@ from gateway.paths import normalize_path, split_target
 from gateway.routing import CompiledRoute, MethodNotAllowed, RoutingTable
 from gateway.tracing import Tracing, continue_trace
 from gateway.tunnel import tunnel
+from gateway.upstream.cluster import Resume
 
 if TYPE_CHECKING:
     from gateway.accesslog import AccessLog
+    from gateway.upstream.cluster import InlineAttempt
+    from gateway.upstream.http1 import UpstreamResponse
+    from gateway.upstream.target import TargetState
 
 log = logging.getLogger("cityplane.gateway")
 
@@ -50,6 +54,78 @@ class BodyTooLarge(Exception):
 
 class BodyTimeout(Exception):
     """The client sent no body bytes for ``body_timeout`` seconds."""
+
+
+# What `RequestPath.dispatch` did with a request (ADR 14).
+DONE = 0  # answered
+IN_FLIGHT = 1  # its upstream exchange is under way; `ClientConnection.request_done` follows
+TASK = 2  # the connection's task is to handle it, from where ``request.inline`` says
+
+
+class Flight:
+    """One request's state between the steps of its path, whichever drives them: the
+    connection's task (`RequestPath.__call__`) or the protocol callbacks (ADR 14)."""
+
+    __slots__ = (
+        "attempt",
+        "client_ip",
+        "ex",
+        "fields",
+        "next_policy",
+        "owner",
+        "path",
+        "query",
+        "request",
+        "request_id",
+        "response",
+        "resume",
+        "route",
+        "start",
+        "status",
+        "target",
+        "upstream_url",
+    )
+
+    def __init__(
+        self, owner: RequestPath, request: IncomingRequest, start: float, client_ip: str, rid: str
+    ) -> None:
+        self.owner = owner
+        self.request = request
+        self.start = start
+        self.client_ip = client_ip
+        self.request_id = rid
+        self.route: CompiledRoute | None = None
+        self.ex: Exchange | None = None
+        self.path = ""
+        self.query = ""
+        self.status = 500
+        self.upstream_url: str | None = None
+        self.next_policy = 0  # the policies before this one have passed
+        # Inline only: the upstream request as sent (fields, body), the attempt under way,
+        # and what the task goes on with after a hand-over.
+        self.fields: tuple[bytes, list[tuple[str, str]], bytes | None] | None = None
+        self.attempt: InlineAttempt | None = None
+        self.resume: Resume | None = None
+        self.response: UpstreamResponse | None = None
+        self.target: TargetState | None = None
+
+    def upstream_ready(self) -> None:
+        self.owner._upstream_ready(self)
+
+    def client_lost(self) -> None:
+        """The client left while this request was inline or handed over but not yet taken."""
+        self.request.inline = None
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            attempt.abandon()
+        response, self.response = self.response, None
+        if response is not None:
+            response.release()
+        resume, self.resume = self.resume, None
+        if resume is not None:
+            resume.abandon()
+        self.status = 499
+        self.owner._end(self)
 
 
 class RequestPath:
@@ -72,46 +148,19 @@ class RequestPath:
         self._loop = asyncio.get_running_loop()
         self._metrics = metrics.REQUEST_METRICS  # lock-free counters (gateway/metrics.py)
         self.in_flight = 0
+        # Requests that need not wait are handled without a task (ADR 14); tests turn it off
+        # to run the same suites on the task path.
+        self.inline = True
 
     async def close(self) -> None:
         pass  # nothing of its own to release (upstream pools belong to the clusters)
 
-    # -- bookkeeping ---------------------------------------------------------------------------
+    # -- the steps, shared by both drivers --------------------------------------------------------
 
-    def _observe(
-        self,
-        request: IncomingRequest,
-        route: CompiledRoute | None,
-        status: int,
-        start: float,
-        request_id: str,
-        client_ip: str,
-        upstream: str | None,
-    ) -> None:
-        key = (route.service, route.name) if route is not None else _NO_ROUTE
-        elapsed = self._loop.time() - start
-        self._metrics.observe(key[0], key[1], status, elapsed)
-        if self.access_log is not None:
-            self.access_log.record_request(
-                round(time.time(), 3),
-                request_id,
-                client_ip,
-                request.method,
-                request.raw_path,
-                status,
-                round(elapsed * 1000, 3),
-                key[0],
-                key[1],
-                upstream,
-            )
-
-    # -- the request path -------------------------------------------------------------------------
-
-    async def __call__(self, request: IncomingRequest) -> None:
+    def _begin(self, request: IncomingRequest) -> Flight:
         start = self._loop.time()
         self.in_flight += 1
-        conn = request.conn
-        peer = conn.peer
+        peer = request.conn.peer
         trusted = self.trusted.trusts(peer) if self.trusted else False
         client_ip = client_address(peer, request.forwarded_for, self.trusted) if trusted else peer
         incoming_id = request.request_id
@@ -120,84 +169,165 @@ class RequestPath:
             if incoming_id and _REQUEST_ID.match(incoming_id)
             else getrandbits(128).to_bytes(16, "big").hex()  # as f"{n:032x}", in half the time
         )
-        route: CompiledRoute | None = None
-        ex: Exchange | None = None
-        status = 500
-        upstream_url: str | None = None
+        return Flight(self, request, start, client_ip, request_id)
+
+    def _admit(self, flight: Flight) -> tuple[CompiledRoute, Exchange]:
+        """Routing and the checks before any policy; raises the Problem that answers."""
+        request = flight.request
+        if request.method == "CONNECT":
+            raise Problem(
+                405, "method-not-allowed", "CONNECT is not allowed: the gateway is no tunnel"
+            )
+        path_raw, flight.query = split_target(request.raw_path)
+        flight.path = path = normalize_path(path_raw)
+        found = self.table.match(request.host, path, request.method)
+        if found is None:
+            raise Problem(404, "no-route", f"no route matches {request.method} {path}")
+        if isinstance(found, MethodNotAllowed):
+            raise Problem(
+                405,
+                "method-not-allowed",
+                f"{request.method} is not allowed on {path}",
+                headers={"Allow": found.allowed},
+            )
+        flight.route = route = found
+        if route.lifecycle == "retired":
+            raise Problem(410, "api-retired", f"{route.service!r} has been retired")
+        length = request.content_length
+        if length is not None and length > self.limits.max_body:
+            raise Problem(
+                413, "body-too-large", f"the body is larger than {self.limits.max_body} bytes"
+            )
+        flight.ex = ex = Exchange(
+            request,
+            client_ip=flight.client_ip,
+            path=path,
+            route_id=route.route_id,
+            request_id=flight.request_id,
+            start=flight.start,
+        )
+        return route, ex
+
+    def _answer_problem(self, flight: Flight, problem: Problem) -> None:
+        flight.status = problem.status
+        route, ex = flight.route, flight.ex
+        self._metrics.reject(route.route_id if route is not None else "-", problem.slug)
+        extra: list[tuple[str, str]] = []
+        if route is not None:
+            extra.extend(route.response_headers)
+        if ex is not None and problem.status in (429, 503):
+            named = {n.lower() for n in problem.headers}
+            extra.extend((n, v) for n, v in ex.response_headers if n.lower() not in named)
+        # RFC 9110 §15.5.9: after a 408 the body's framing is lost.
+        request = flight.request
+        request.conn.respond_problem(
+            request, problem, request_id=flight.request_id, extra=extra, close=flight.status == 408
+        )
+
+    def _end(self, flight: Flight) -> None:
+        self.in_flight -= 1
+        request, route = flight.request, flight.route
+        key = (route.service, route.name) if route is not None else _NO_ROUTE
+        elapsed = self._loop.time() - flight.start
+        self._metrics.observe(key[0], key[1], flight.status, elapsed)
+        if self.access_log is not None:
+            self.access_log.record_request(
+                round(time.time(), 3),
+                flight.request_id,
+                flight.client_ip,
+                request.method,
+                request.raw_path,
+                flight.status,
+                round(elapsed * 1000, 3),
+                key[0],
+                key[1],
+                flight.upstream_url,
+            )
+
+    def _body_now(self, request: IncomingRequest) -> tuple[bytes | None, int | None]:
+        """A body that is complete already (or none), without waiting."""
+        if not request.body_exists:
+            return None, None
+        body = request.take_body()  # it came with the head: no timer
+        if len(body) > self.limits.max_body:  # chunked: no length was announced
+            raise Problem(
+                413, "body-too-large", f"the body is larger than {self.limits.max_body} bytes"
+            )
+        return body, request.content_length
+
+    def _upstream_fields(self, flight: Flight) -> tuple[bytes, list[tuple[str, str]]]:
+        """The client's fields as wire bytes, and the fields this hop adds."""
+        request, ex = flight.request, flight.ex
+        assert ex is not None
+        peer = request.conn.peer
+        trusted = self.trusted.trusts(peer) if self.trusted else False
+        raw, headers = forwarded_fields(
+            request.raw_headers, peer=peer, peer_trusted=trusted, scheme="http", host=request.host
+        )
+        headers.append(("X-Request-Id", ex.request_id))
+        return raw, headers
+
+    def _response_head(self, flight: Flight, up: UpstreamResponse) -> bytes:
+        # The gateway's own fields replace any of the same name from the upstream. The
+        # upstream's fields are relayed as the bytes llhttp accepted (no CR, LF or NUL).
+        route, ex = flight.route, flight.ex
+        assert route is not None and ex is not None
+        own = [("X-Request-Id", ex.request_id), *route.response_headers, *ex.response_headers]
+        drop = (
+            UPSTREAM_RESPONSE_DROP
+            if len(own) == 1
+            else UPSTREAM_RESPONSE_DROP | {n.lower().encode("latin-1") for n, _ in own}
+        )
+        return b"".join(
+            [n + b": " + v + b"\r\n" for n, v in up.raw_headers if n.lower() not in drop]
+        ) + encode_fields(own)
+
+    # -- the task's driver ------------------------------------------------------------------------
+
+    async def __call__(self, request: IncomingRequest) -> None:
+        handed = request.inline  # an inline request handed over (ADR 14)
+        if handed is None:
+            flight = self._begin(request)
+        else:
+            flight = cast(Flight, handed)
+            request.inline = None
         try:
-            if request.method == "CONNECT":
-                raise Problem(
-                    405, "method-not-allowed", "CONNECT is not allowed: the gateway is no tunnel"
-                )
-            path_raw, query = split_target(request.raw_path)
-            path = normalize_path(path_raw)
-            found = self.table.match(request.host, path, request.method)
-            if found is None:
-                raise Problem(404, "no-route", f"no route matches {request.method} {path}")
-            if isinstance(found, MethodNotAllowed):
-                raise Problem(
-                    405,
-                    "method-not-allowed",
-                    f"{request.method} is not allowed on {path}",
-                    headers={"Allow": found.allowed},
-                )
-            route = found
-            if route.lifecycle == "retired":
-                raise Problem(410, "api-retired", f"{route.service!r} has been retired")
-            length = request.content_length
-            if length is not None and length > self.limits.max_body:
-                raise Problem(
-                    413, "body-too-large", f"the body is larger than {self.limits.max_body} bytes"
-                )
-            ex = Exchange(
-                request,
-                client_ip=client_ip,
-                path=path,
-                route_id=route.route_id,
-                request_id=request_id,
-                start=start,
-            )
-            for policy in route.policies:
-                await policy.check(ex)
-            if request.upgrading and request.upgrade == "websocket" and request.method == "GET":
-                status, upstream_url = await self._tunnel(
-                    request, route, ex, path, query, peer, trusted
-                )
-            else:
-                status, upstream_url = await self._proxy(
-                    request, route, ex, path, query, peer, trusted
-                )
+            await self._run(flight)
         except Problem as problem:
-            status = problem.status
-            self._metrics.reject(route.route_id if route is not None else "-", problem.slug)
-            extra: list[tuple[str, str]] = []
-            if route is not None:
-                extra.extend(route.response_headers)
-            if ex is not None and problem.status in (429, 503):
-                named = {n.lower() for n in problem.headers}
-                extra.extend((n, v) for n, v in ex.response_headers if n.lower() not in named)
-            # RFC 9110 §15.5.9: after a 408 the body's framing is lost.
-            request.conn.respond_problem(
-                request, problem, request_id=request_id, extra=extra, close=status == 408
-            )
+            self._answer_problem(flight, problem)
         except (ClientGone, ConnectionError, asyncio.CancelledError):
-            status = 499  # client went away (nginx's convention)
+            flight.status = 499  # client went away (nginx's convention)
             raise
         finally:
-            self.in_flight -= 1
-            self._observe(request, route, status, start, request_id, client_ip, upstream_url)
+            response, flight.response = flight.response, None
+            if response is not None:  # handed over, then cancelled before the relay
+                response.release()
+            resume, flight.resume = flight.resume, None
+            if resume is not None:  # handed over, then cancelled before the send
+                resume.abandon()
+            self._end(flight)
+
+    async def _run(self, flight: Flight) -> None:
+        request = flight.request
+        if flight.route is None:
+            route, ex = self._admit(flight)
+        else:
+            route, ex = flight.route, flight.ex  # type: ignore[assignment]
+        policies = route.policies
+        while flight.next_policy < len(policies):
+            await policies[flight.next_policy].check(ex)
+            flight.next_policy += 1
+        if request.upgrading and request.upgrade == "websocket" and request.method == "GET":
+            await self._tunnel(flight, route, ex)
+        else:
+            await self._proxy(flight, route, ex)
 
     async def _request_body(
         self, request: IncomingRequest
     ) -> tuple[bytes | AsyncIterator[bytes] | None, int | None]:
-        if not request.body_exists:
-            return None, None
+        if not request.body_exists or request.body_complete:
+            return self._body_now(request)
         length = request.content_length
-        if request.body_complete:
-            body = request.take_body()  # it came with the head: no timer
-            if len(body) > self.limits.max_body:  # chunked: no length was announced
-                raise BodyTooLarge()
-            return body, length
         if request.expect_continue:
             request.conn.write_raw(_CONTINUE)
         if length is not None and length <= SMALL_BODY:
@@ -237,72 +367,59 @@ class RequestPath:
                 raise BodyTooLarge()
             yield chunk
 
-    def _forward_headers(
-        self, request: IncomingRequest, ex: Exchange, peer: str, trusted: bool
-    ) -> tuple[bytes, list[tuple[str, str]]]:
-        """The client's fields as wire bytes, and the fields this hop adds."""
-        raw, headers = forwarded_fields(
-            request.raw_headers, peer=peer, peer_trusted=trusted, scheme="http", host=request.host
-        )
-        headers.append(("X-Request-Id", ex.request_id))
-        return raw, headers
-
-    async def _proxy(
-        self,
-        request: IncomingRequest,
-        route: CompiledRoute,
-        ex: Exchange,
-        path: str,
-        query: str,
-        peer: str,
-        trusted: bool,
-    ) -> tuple[int, str]:
-        raw_fields, headers = self._forward_headers(request, ex, peer, trusted)
-        _trace_id, traceparent = continue_trace(request.traceparent)
-        span = None
-        if self.tracing.enabled:
-            span = self.tracing.server_span(request.method, route.route_id, request.traceparent)
-            client_span, traceparent = self.tracing.client_span(
-                span, request.method, route.service + route.upstream_path(path)
-            )
-        headers.append(("traceparent", traceparent))
-        headers.extend(ex.upstream_headers)
-        cluster = route.cluster
-        try:
-            body, length = await self._request_body(request)
-            up, target = await cluster.send(
-                request.method,
-                route.upstream_path(path) + query,
-                headers,
-                body,
-                request_headers=request,
-                client_ip=ex.client_ip,
-                content_length=length,
-                raw_fields=raw_fields,
-            )
-        except BodyTooLarge:
-            raise Problem(
-                413, "body-too-large", f"the body is larger than {self.limits.max_body} bytes"
-            ) from None
-        except BodyTimeout:
-            raise _body_timeout(self.limits.body_timeout) from None
-        finally:
-            if span is not None:
-                client_span.end()
+    async def _proxy(self, flight: Flight, route: CompiledRoute, ex: Exchange) -> None:
+        request = flight.request
+        span = client_span = None
+        up, target = flight.response, flight.target
+        if up is None:
+            if flight.fields is not None:  # prepared inline before the hand-over
+                raw_fields, headers, body_now = flight.fields
+                body: bytes | AsyncIterator[bytes] | None = body_now
+                length = request.content_length
+            else:
+                raw_fields, headers = self._upstream_fields(flight)
+                _trace_id, traceparent = continue_trace(request.traceparent)
+                if self.tracing.enabled:
+                    span = self.tracing.server_span(
+                        request.method, route.route_id, request.traceparent
+                    )
+                    client_span, traceparent = self.tracing.client_span(
+                        span, request.method, route.service + route.upstream_path(flight.path)
+                    )
+                headers.append(("traceparent", traceparent))
+                headers.extend(ex.upstream_headers)
+            resume, flight.resume = flight.resume, None
+            try:
+                if flight.fields is None:
+                    body, length = await self._request_body(request)
+                up, target = await route.cluster.send(
+                    request.method,
+                    route.upstream_path(flight.path) + flight.query,
+                    headers,
+                    body,
+                    request_headers=request,
+                    client_ip=ex.client_ip,
+                    content_length=length,
+                    raw_fields=raw_fields,
+                    resume=resume,
+                )
+            except BodyTooLarge:
+                raise Problem(
+                    413, "body-too-large", f"the body is larger than {self.limits.max_body} bytes"
+                ) from None
+            except BodyTimeout:
+                raise _body_timeout(self.limits.body_timeout) from None
+            finally:
+                if client_span is not None:
+                    client_span.end()
+        else:
+            flight.response = None  # relayed (and released) here from now on
+        assert target is not None
+        flight.upstream_url = target.url
         conn = request.conn
         try:
-            # The gateway's own fields replace any of the same name from the upstream. The
-            # upstream's fields are relayed as the bytes llhttp accepted (no CR, LF or NUL).
-            own = [("X-Request-Id", ex.request_id), *route.response_headers, *ex.response_headers]
-            drop = (
-                UPSTREAM_RESPONSE_DROP
-                if len(own) == 1
-                else UPSTREAM_RESPONSE_DROP | {n.lower().encode("latin-1") for n, _ in own}
-            )
-            head = b"".join(
-                [n + b": " + v + b"\r\n" for n, v in up.raw_headers if n.lower() not in drop]
-            ) + encode_fields(own)
-            status = up.status
+            head = self._response_head(flight, up)
+            flight.status = status = up.status
             if span is not None:
                 span.set_attribute("http.response.status_code", status)
             reason = up.reason or None
@@ -311,11 +428,11 @@ class RequestPath:
                     request, status, head, content_length=up.content_length, reason=reason
                 )
                 conn.end_response()
-                return status, target.url
+                return
             if up.content_length is not None and up.content_length <= SMALL_BODY:
                 data = await up.read()
                 conn.respond(request, status, head, data, reason=reason)
-                return status, target.url
+                return
             chunks = up.iter_chunks().__aiter__()
             try:
                 first = await chunks.__anext__()
@@ -328,43 +445,141 @@ class RequestPath:
                 async for chunk in chunks:
                     await conn.write(chunk)
             conn.end_response()
-            return status, target.url
         finally:
             up.release()
             if span is not None:
                 span.end()
 
-    async def _tunnel(
-        self,
-        request: IncomingRequest,
-        route: CompiledRoute,
-        ex: Exchange,
-        path: str,
-        query: str,
-        peer: str,
-        trusted: bool,
-    ) -> tuple[int, str]:
+    async def _tunnel(self, flight: Flight, route: CompiledRoute, ex: Exchange) -> None:
         """A WebSocket: bytes relayed between the client and one upstream target."""
+        request = flight.request
         cluster = route.cluster
         target = cluster.balancer.pick(None, None)
         if target is None:
             raise Problem(503, "no-healthy-upstream", "no healthy upstream for this WebSocket")
         base, host = cluster.address(target)
-        raw_fields, headers = self._forward_headers(request, ex, peer, trusted)
+        raw_fields, headers = self._upstream_fields(flight)
         headers.extend(ex.upstream_headers)
         response_headers = [("X-Request-Id", ex.request_id), *ex.response_headers]
-        status = await tunnel(
+        flight.upstream_url = target.url
+        flight.status = await tunnel(
             request,
             target=target,
             base=base,
             host=host,
-            path=route.upstream_path(path) + query,
+            path=route.upstream_path(flight.path) + flight.query,
             headers=headers,
             raw_fields=raw_fields,
             response_headers=response_headers,
             timeout=cluster.request_timeout,
         )
-        return status, target.url
+
+    # -- the inline driver (docs/adr/0014-inline-exchanges.md) -----------------------------------
+
+    def dispatch(self, request: IncomingRequest) -> int:
+        """Handle ``request`` from the connection's callback if nothing has to wait: `DONE`
+        (answered), `IN_FLIGHT` (written upstream; `_upstream_ready` follows) or `TASK`."""
+        if (
+            not self.inline
+            or not request.body_complete
+            or request.upgrading
+            or self.tracing.enabled
+        ):
+            return TASK
+        flight = self._begin(request)
+        try:
+            route, ex = self._admit(flight)
+            policies = route.policies
+            for policy in policies:
+                if not policy.check_now(ex):
+                    request.inline = flight
+                    return TASK
+                flight.next_policy += 1
+            body, _length = self._body_now(request)
+            raw_fields, headers = self._upstream_fields(flight)
+            headers.append(("traceparent", continue_trace(request.traceparent)[1]))
+            headers.extend(ex.upstream_headers)
+            flight.fields = (raw_fields, headers, body)
+            started = route.cluster.start_inline(
+                request.method,
+                route.upstream_path(flight.path) + flight.query,
+                headers,
+                body,
+                request_headers=request,
+                client_ip=ex.client_ip,
+                raw_fields=raw_fields,
+                on_ready=flight.upstream_ready,
+            )
+            request.inline = flight
+            if isinstance(started, Resume):
+                flight.resume = started  # no idle connection to the target: the task connects
+                return TASK
+            flight.attempt = started
+            return IN_FLIGHT
+        except Problem as problem:
+            try:
+                self._answer_problem(flight, problem)
+            except ClientGone:
+                flight.status = 499
+        except BaseException:
+            request.inline = None
+            flight.status = 500  # the connection logs it and answers 500
+            self._end(flight)
+            raise
+        self._end(flight)
+        return DONE
+
+    def _upstream_ready(self, flight: Flight) -> None:
+        """The inline request's upstream attempt has an outcome: relay a response that is
+        complete and small now; hand anything else over to the connection's task."""
+        request = flight.request
+        conn = request.conn
+        attempt, flight.attempt = flight.attempt, None
+        assert attempt is not None
+        try:
+            try:
+                outcome = attempt.settle()
+                if isinstance(outcome, Resume):
+                    flight.resume = outcome
+                    conn.hand_over(request)
+                    return
+                up = outcome
+                status = up.status
+                bodiless = request.method == "HEAD" or status in (204, 304)
+                if not bodiless and (
+                    up.content_length is None or up.content_length > SMALL_BODY or not up.complete
+                ):
+                    flight.response, flight.target = up, attempt.target
+                    conn.hand_over(request)  # its body is still to come, or to be streamed
+                    return
+                request.inline = None
+                flight.upstream_url = attempt.target.url
+                try:
+                    head = self._response_head(flight, up)
+                    flight.status = status
+                    reason = up.reason or None
+                    if bodiless:
+                        conn.start_response(
+                            request, status, head, content_length=up.content_length, reason=reason
+                        )
+                        conn.end_response()
+                    else:
+                        conn.respond(request, status, head, up.read_now(), reason=reason)
+                finally:
+                    up.release()
+            except Problem as problem:
+                request.inline = None
+                self._answer_problem(flight, problem)
+        except (ClientGone, ConnectionError):
+            flight.status = 499
+        except Exception:  # noqa: BLE001 - a bug: request_crashed logs it, answers 500
+            request.inline = None
+            flight.status = 500
+            self._end(flight)
+            conn.request_crashed(request)
+            return
+        self._end(flight)
+        conn.request_done(request)
 
 
 def _body_timeout(timeout: float) -> Problem:

@@ -139,8 +139,21 @@ class RunningGateway:
 
 
 @pytest.fixture
+def gateway_driver() -> str:
+    """How the gateway drives requests: "inline" (the default, ADR 14) or "task" (every
+    request on the connection's task). A module sets ``GATEWAY_DRIVERS`` to run both."""
+    return "inline"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    drivers = getattr(metafunc.module, "GATEWAY_DRIVERS", None)
+    if drivers and "gateway_driver" in metafunc.fixturenames:
+        metafunc.parametrize("gateway_driver", drivers)
+
+
+@pytest.fixture
 async def gateway_factory(
-    tmp_path: Path,
+    tmp_path: Path, gateway_driver: str
 ) -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
     from gateway.runtime import Gateway, GatewaySettings
 
@@ -154,6 +167,7 @@ async def gateway_factory(
         gw = Gateway(GatewaySettings(config=[config], port=0, status_port=0, **settings))
         await gw.start()
         running.append(gw)
+        gw.path.inline = gateway_driver == "inline"
         return RunningGateway(gw, config)
 
     yield make

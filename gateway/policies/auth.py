@@ -99,21 +99,41 @@ class AuthPolicy:
                 f"This route requires {level} and {age}.",
             )
 
+    def check_now(self, exchange: Exchange) -> bool:
+        """Decide without waiting if the token is absent, not a bearer token, or verified
+        before (the cache); ``False`` when it has to be verified (``check``)."""
+        token = self._bearer(exchange)
+        if token is None:
+            self._no_token()
+            return True
+        verified = self._verifier.cached(token)
+        if verified is None:
+            return False
+        self._admit(exchange, verified)
+        return True
+
     async def check(self, exchange: Exchange) -> None:
+        if self.check_now(exchange):
+            return
+        token = self._bearer(exchange)
+        assert token is not None  # check_now decided every request without one
+        self._admit(exchange, await self._verify(token))
+
+    def _bearer(self, exchange: Exchange) -> str | None:
         # RFC 6750 §2.1: the Authorization header only; tokens in the query are not looked at.
         values = exchange.request.headers.getall("Authorization", None)
         if values is None:
-            return self._no_token()
+            return None
         if len(values) != 1:
             self._invalid("More than one Authorization header")
         scheme, _, token = values[0].partition(" ")
         # RFC 9110 §11.1: the scheme is case-insensitive. Another scheme (Basic, …) is not a
         # bearer token: the request has none, and the header goes upstream untouched.
         if scheme.lower() != "bearer":
-            return self._no_token()
-        verified = self._verifier.cached(token)
-        if verified is None:
-            verified = await self._verify(token)
+            return None
+        return token
+
+    def _admit(self, exchange: Exchange, verified: VerifiedToken) -> None:
         if not self._scopes <= verified.scopes:
             raise Problem(
                 403,
@@ -131,7 +151,6 @@ class AuthPolicy:
         exchange.consumer = verified.consumer
         exchange.identity = verified.claims
         exchange.upstream_headers.extend(verified.headers)
-        return None
 
     async def _verify(self, token: str) -> VerifiedToken:
         token = token.lstrip(" ")

@@ -18,4 +18,10 @@ class Policy(Protocol):
 
     name: ClassVar[str]
 
+    def check_now(self, exchange: Exchange) -> bool:
+        """``check`` without waiting (docs/adr/0014-inline-exchanges.md): ``True`` when the
+        policy decided (the request may go on, or the ``Problem`` was raised), ``False`` when
+        deciding needs I/O; then nothing was changed and ``check`` follows."""
+        ...
+
     async def check(self, exchange: Exchange) -> None: ...

@@ -89,6 +89,7 @@ class RateLimitPolicy:
 
     __slots__ = (
         "_header",
+        "_hit_now",
         "_ip_prefix",
         "_key",
         "_limit",
@@ -111,6 +112,9 @@ class RateLimitPolicy:
         self._mode = spec.onStoreError
         self._store = store
         self._local = local
+        self._hit_now: Callable[[str, int, float], Decision] | None = getattr(
+            store, "hit_now", None
+        )
         self._policy_header = (
             "RateLimit-Policy",
             f'"{POLICY_NAME}";q={spec.requests};w={max(1, math.ceil(spec.window))}',
@@ -154,6 +158,14 @@ class RateLimitPolicy:
         return rate_limit_key(self._route_id, "header:" + value)
 
     # --- the decision --------------------------------------------------------------------
+
+    def check_now(self, exchange: Exchange) -> bool:
+        """Decide without waiting when the store is in-process; ``False`` for Redis."""
+        hit_now = self._hit_now
+        if hit_now is None:
+            return False
+        self._answer(exchange, hit_now(self._key(exchange), self._limit, self._window))
+        return True
 
     async def check(self, exchange: Exchange) -> None:
         key = self._key(exchange)

@@ -62,6 +62,9 @@ class StoreUnavailable(Exception):
 class RateLimitStore(Protocol):
     async def hit(self, key: str, limit: int, window: float) -> Decision:
         """Count one request against ``key``; raises :class:`StoreUnavailable`."""
+
+        # A store that can decide without waiting also has ``hit_now(key, limit, window) ->
+        # Decision`` (the in-process store): the policy then decides inline (ADR 14).
         ...
 
 
@@ -135,6 +138,10 @@ class LocalStore:
         return len(self._counters)
 
     async def hit(self, key: str, limit: int, window: float) -> Decision:
+        return self.hit_now(key, limit, window)
+
+    def hit_now(self, key: str, limit: int, window: float) -> Decision:
+        """``hit`` without a coroutine: the in-process store never waits (ADR 14)."""
         now_us = round(self._clock() * _US)
         window_us = max(1, round(window * _US))
         index = now_us // window_us

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import ssl
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 
 from gateway.upstream.http1 import (
     Http1Connection,
@@ -220,13 +220,15 @@ class HostPool:
         timeout: float,  # noqa: ASYNC109 (one loop.call_at handle per request, see send())
         content_length: int | None = None,
         raw_fields: bytes = b"",
+        fresh: bool = False,
     ) -> UpstreamResponse:
         """Send a request; return when the response head is complete.
 
         The caller must call ``release()`` on the response (in ``finally``). ``timeout`` bounds
         the time from the first byte sent until the response head is complete, and each wait
         for more body. A request on a reused connection that fails before any response byte is
-        retried once on a new connection when that is safe (see the ADR).
+        retried once on a new connection when that is safe (see the ADR). ``fresh``: on a new
+        connection straight away (an inline exchange's stale-connection redo, ADR 14).
         """
         head, chunked = encode_request_head(
             method, target, headers, body, content_length, raw_fields
@@ -240,7 +242,7 @@ class HostPool:
         self.in_flight += 1
         try:
             deadline = 0.0
-            conn = self._take_idle(loop)
+            conn = None if fresh else self._take_idle(loop)
             if conn is not None:
                 deadline = loop.time() + timeout
                 try:
@@ -271,6 +273,52 @@ class HostPool:
         except BaseException:
             self.in_flight -= 1
             raise
+
+    # -- inline exchanges (ADR 14): the same steps as request(), driven by callbacks ----------
+
+    def take_idle_now(self) -> Http1Connection | None:
+        """An idle keep-alive connection ready for `start_inline`, or None (none, or closed)."""
+        if self._closed or not self._idle or self._loop is None:
+            return None
+        return self._take_idle(self._loop)
+
+    def start_inline(
+        self,
+        conn: Http1Connection,
+        head: bytes,
+        body: bytes | None,
+        *,
+        is_head: bool,
+        timeout: float,
+        on_ready: Callable[[], None],
+    ) -> None:
+        """Send a request encoded by `encode_request_head` on ``conn`` (from `take_idle_now`);
+        ``on_ready`` follows as `Http1Connection.start` says. The exchange ends with the
+        response's ``release()``, or `inline_failed` / `inline_abandoned`."""
+        assert self._loop is not None
+        self.in_flight += 1
+        conn.start(
+            head,
+            body,
+            is_head=is_head,
+            deadline=self._loop.time() + timeout,
+            idle_timeout=timeout,
+            on_ready=on_ready,
+        )
+
+    def inline_failed(
+        self, conn: Http1Connection, method: str, body: bytes | None, exc: UpstreamError
+    ) -> bool:
+        """An inline exchange failed: the connection is dropped. Returns whether the request
+        may be sent again on a new connection (the stale-connection rule of `request`)."""
+        redo = _stale_retry_is_safe(conn, method, body, exc)
+        self.inline_abandoned(conn)
+        return redo
+
+    def inline_abandoned(self, conn: Http1Connection) -> None:
+        """The client left during an inline exchange: its connection is closed."""
+        conn.abandon()
+        self.in_flight -= 1
 
     async def close(self) -> None:
         """Close idle connections now; connections in use close when released."""

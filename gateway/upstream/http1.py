@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Protocol, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -141,6 +141,19 @@ class UpstreamResponse:
             return conn._take_body() or b""
         return b"".join([chunk async for chunk in self.iter_chunks()])
 
+    @property
+    def complete(self) -> bool:
+        """The whole body has arrived: ``read_now`` can take it."""
+        conn = self._conn
+        return conn is not None and conn._phase == _DONE
+
+    def read_now(self) -> bytes:
+        """The whole body of a ``complete`` response, without waiting (ADR 14)."""
+        conn = self._conn
+        if conn is None or conn._phase != _DONE:
+            raise RuntimeError("read_now() on a response that is not complete")
+        return conn._take_body() or b""
+
     def release(self) -> None:
         """Give the connection back: to the pool if the body is complete and the upstream keeps
         the connection alive, else it is closed. Idempotent."""
@@ -175,6 +188,8 @@ class Http1Connection(asyncio.Protocol):
         self._exc: UpstreamError | None = None
         self._response: UpstreamResponse | None = None
         self._head_waiter: asyncio.Future[None] | None = None
+        # An inline exchange's callback (start(), ADR 14), in place of the head waiter.
+        self._on_ready: Callable[[], None] | None = None
         self._body_waiter: asyncio.Future[None] | None = None
         self._wait_since = 0.0
         self._sending_task: asyncio.Task[object] | None = None
@@ -265,6 +280,8 @@ class Http1Connection(asyncio.Protocol):
                 return
         if self._feed(data) and self._phase == _AWAIT_HEAD:
             self._check_head_size()
+        if self._on_ready is not None and self._phase != _AWAIT_HEAD:
+            self._ready()  # after the parser returned: the callback may release this connection
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost() decides what the EOF means
@@ -396,6 +413,8 @@ class Http1Connection(asyncio.Protocol):
                 self._crlf_tail = b""
                 if data:
                     self._reusable = False
+                if self._on_ready is not None:
+                    self._ready()
                 return
             tail = b""
             idx = data.find(_CRLF2)
@@ -445,6 +464,14 @@ class Http1Connection(asyncio.Protocol):
             self._sending_task = None
             self._cancel_pending = True
             task.cancel()
+        if self._on_ready is not None:
+            self._ready()
+
+    def _ready(self) -> None:
+        on_ready = self._on_ready
+        if on_ready is not None:
+            self._on_ready = None
+            on_ready()
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -553,19 +580,7 @@ class Http1Connection(asyncio.Protocol):
         assert transport is not None
         try:
             if body is None or isinstance(body, bytes):
-                if not body:
-                    transport.write(head)
-                elif len(body) <= _COALESCE_BODY:
-                    transport.write(head + body)
-                else:
-                    transport.write(head)
-                    transport.write(body)
-                # A write that fails at once (EPIPE, ECONNRESET) closes the transport before
-                # returning: then no byte of the request was accepted.
-                if transport.is_closing():
-                    self._write_failed = True
-                else:
-                    self._request_sent = True
+                self._write_request(transport, head, body)
             else:
                 await self._send_streamed(transport, head, body, chunked, content_length)
             if self._phase == _AWAIT_HEAD and self._exc is None:
@@ -585,6 +600,65 @@ class Http1Connection(asyncio.Protocol):
         except BaseException:
             self._abandon()
             raise
+
+    def start(
+        self,
+        head: bytes,
+        body: bytes | None,
+        *,
+        is_head: bool,
+        deadline: float,
+        idle_timeout: float,
+        on_ready: Callable[[], None],
+    ) -> None:
+        """``send`` without a coroutine, for a body of bytes or none (ADR 14): the request is
+        written now, and ``on_ready`` is called once, from this connection's own callbacks
+        (never from inside the parser), when the response head is complete (``response``)
+        or the exchange failed (``error``)."""
+        self._begin(is_head, deadline, idle_timeout)
+        transport = self._transport
+        assert transport is not None
+        self._on_ready = on_ready
+        self._write_request(transport, head, body)
+
+    @property
+    def response(self) -> UpstreamResponse | None:
+        """The response of the exchange in progress, once its head is complete."""
+        return self._response
+
+    @property
+    def error(self) -> UpstreamError:
+        """Why the exchange in progress failed (once it has no response)."""
+        if self._exc is not None:
+            return self._exc
+        return UpstreamProtocolError(
+            "connection lost before the response", request_sent=self._request_sent
+        )
+
+    @property
+    def complete(self) -> bool:
+        """The whole response has been read (it may be taken without waiting)."""
+        return self._phase == _DONE
+
+    def abandon(self) -> None:
+        """Give up the exchange in progress (the client left): the connection is closed."""
+        self._on_ready = None
+        self._abandon()
+
+    def _write_request(self, transport: asyncio.Transport, head: bytes, body: bytes | None) -> None:
+        if not body:
+            transport.write(head)
+        elif len(body) <= _COALESCE_BODY:
+            transport.write(head + body)
+        else:
+            transport.write(head)
+            transport.write(body)
+        # A write that fails at once (EPIPE, ECONNRESET) closes the transport before
+        # returning: then no byte of the request was accepted.
+        if transport.is_closing():
+            self._write_failed = True
+        else:
+            self._request_sent = True
 
     async def _send_streamed(
         self,
@@ -728,6 +802,7 @@ class Http1Connection(asyncio.Protocol):
             self._transport.abort()
 
     def _release(self) -> None:
+        self._on_ready = None
         reusable = self._reusable and self._phase == _DONE and self._exc is None and self.usable
         self._stop_upload()
         complete = self._phase == _DONE

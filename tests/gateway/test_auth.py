@@ -41,6 +41,9 @@ from gateway.policies.auth import AuthPolicy
 from tests.conftest import Upstream, problem, service
 from tests.gateway.procs import free_port
 
+# Every test here runs on both request drivers (ADR 14): inline and on the connection's task.
+GATEWAY_DRIVERS = ("inline", "task")
+
 ROOT = Path(__file__).resolve().parents[2]
 AUDIENCE = "https://api.city.example"
 INVALID = 'Bearer realm="cityplane", error="invalid_token", error_description="'

@@ -44,6 +44,9 @@ from tests.gateway.raw_http import (
     ws_key,
 )
 
+# Every test here runs on both request drivers (ADR 14): inline and on the connection's task.
+GATEWAY_DRIVERS = ("inline", "task")
+
 # Small limits so that every limit is reached with a few KB.
 SMALL = GatewayLimits(max_body=1024, max_line_size=1024, max_field_size=1024, max_headers=20)
 NEXT = b"GET /svc/next HTTP/1.1\r\nHost: city.example\r\n\r\n"
