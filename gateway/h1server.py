@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import httptools
 
 from cityplane.problem import PROBLEM_CONTENT_TYPE, Problem
+from gateway.outbox import outbox
 
 if TYPE_CHECKING:
     from gateway.connections import GatewayLimits
@@ -322,7 +323,8 @@ class ClientConnection(asyncio.Protocol):
         # requests, waits on _next: a future per request is cheaper than a task per request.
         self._task: asyncio.Task[None] | None = None
         self._next: asyncio.Future[None] | None = None
-        self._busy = False  # a handler is running
+        self._busy = False  # a request is being handled (inline or by the task)
+        self._runner_turn = False  # ... by the task
         self._tunnel: Callable[[bytes], None] | None = None
         # Set by a tunnel (gateway/tunnel.py): the upstream socket, paused while the client
         # cannot take more, and what to do when the client goes.
@@ -339,6 +341,11 @@ class ClientConnection(asyncio.Protocol):
         self._chunked_out = False
         self._keep_after = True
         self._head_sent = False
+        # Whole responses held for the outbox (gateway/outbox.py), and whether the connection
+        # closes once they are written. Any other write or close writes them first.
+        self._held: list[bytes] | None = None
+        self._close_held = False
+        self._outbox = outbox(self.loop)
         # Clocks: one timer at most, re-armed lazily (see _on_timer).
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -358,6 +365,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
+        self._held = None
         self.server._connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -589,7 +597,7 @@ class ClientConnection(asyncio.Protocol):
         """A bug while handling ``req``: the client still gets an answer (then the connection
         closes), the log the trace."""
         log.exception("unhandled error handling %s %s", req.method, req.raw_path)
-        self._busy = False
+        self._busy = self._runner_turn = False
         if self._head_sent or self.closed:
             self._close()
             return
@@ -615,7 +623,8 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def _wake_runner(self) -> None:
-        self._busy = True  # the task owns the head of the queue until it is answered
+        self._busy = True
+        self._runner_turn = True  # the task owns the head of the queue until it lets go
         if self._task is None:
             self._task = self.loop.create_task(self._run())
             return
@@ -630,8 +639,7 @@ class ClientConnection(asyncio.Protocol):
         queue = self._queue
         try:
             while True:
-                if not queue or not self._busy:
-                    self._idle_since = self.loop.time()
+                if not self._runner_turn:
                     self._next = self.loop.create_future()
                     await self._next
                     continue
@@ -644,12 +652,18 @@ class ClientConnection(asyncio.Protocol):
                 except Exception:  # noqa: BLE001 - a bug: request_crashed logs it, answers 500
                     self.request_crashed(req)  # answered 500, and the connection closes
                     return
+                if req.inline is not None:
+                    # It went on without the task (ADR 14): request_done() or hand_over().
+                    self._runner_turn = False
+                    continue
                 if not self._finish():
                     return
                 if queue:
                     self._head_sent = False
                     self._keep_after = True
                     self._busy = True
+                else:
+                    self._runner_turn = False
         finally:
             self._task = None
             self._next = None
@@ -695,12 +709,23 @@ class ClientConnection(asyncio.Protocol):
             )
         )
         self._head_sent = True
-        if req.method == "HEAD" or not _has_body(status):
-            self.transport.write(head)
+        data = head if req.method == "HEAD" or not _has_body(status) else head + body
+        if self._held is None:
+            self._held = [data]
+            self._outbox.hold(self)
         else:
-            self.transport.write(head + body)
+            self._held.append(data)
         if not self._keep_after:
             self._close_after_write()
+
+    def flush_held(self) -> None:
+        """Write the held responses (the outbox calls this), then close if one said so."""
+        held, self._held = self._held, None
+        if held is None or self.closed or self.transport is None:
+            return
+        self.transport.write(held[0] if len(held) == 1 else b"".join(held))
+        if self._close_held:
+            self.transport.close()
 
     def respond_problem(
         self,
@@ -758,6 +783,8 @@ class ClientConnection(asyncio.Protocol):
         self._head_sent = True
         if first and with_body:
             head += b"%x\r\n%b\r\n" % (len(first), first) if self._chunked_out else first
+        if self._held is not None:
+            self.flush_held()
         self.transport.write(head)
         return with_body
 
@@ -766,6 +793,8 @@ class ClientConnection(asyncio.Protocol):
             raise ClientGone("the client closed the connection")
         if not data:
             return
+        if self._held is not None:
+            self.flush_held()
         if self._chunked_out:
             self.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
@@ -777,15 +806,26 @@ class ClientConnection(asyncio.Protocol):
     def end_response(self) -> None:
         if self.closed or self.transport is None:
             return
+        if self._held is not None:
+            self.flush_held()
         if self._chunked_out:
             self.transport.write(b"0\r\n\r\n")
             self._chunked_out = False
         if not self._keep_after:
             self._close_after_write()
 
+    def cut(self) -> None:
+        """A response that cannot be completed: the connection closes after what was written
+        (the client sees the body end early)."""
+        self._keep_after = False
+        self._chunked_out = False  # no last chunk: its absence is what tells the client
+        self._close_after_write()
+
     def write_raw(self, data: bytes) -> None:
         """Bytes outside any response framing (``100 Continue``, a tunnel)."""
         if self.transport is not None and not self.closed:
+            if self._held is not None:
+                self.flush_held()
             self.transport.write(data)
 
     # -- upgrades --------------------------------------------------------------------------------
@@ -850,6 +890,8 @@ class ClientConnection(asyncio.Protocol):
     def _refuse(self, problem: Problem) -> None:
         """Answer a request that could not be parsed, then close."""
         if self.transport is not None:
+            if self._held is not None:
+                self.flush_held()
             self.transport.write(raw_problem(problem))
         self._close_after_write()
 
@@ -858,11 +900,16 @@ class ClientConnection(asyncio.Protocol):
 
     def _close_after_write(self) -> None:
         self._stop_parsing = True  # bytes that still arrive are not requests of ours
+        if self._held is not None:
+            self._close_held = True  # once the held responses are written
+            return
         if self.transport is not None and not self.closed:
             self.transport.close()  # the buffer is flushed first
 
     def _close(self) -> None:
         self._stop_parsing = True
+        if self._held is not None:
+            self.flush_held()
         if self.transport is not None and not self.closed:
             self.transport.close()
 
@@ -873,6 +920,7 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def abort(self) -> None:
+        self._held = None
         if self.transport is not None and not self.closed:
             self.transport.abort()
 

@@ -31,6 +31,7 @@ from gateway.paths import normalize_path, split_target
 from gateway.routing import CompiledRoute, MethodNotAllowed, RoutingTable
 from gateway.tracing import Tracing, continue_trace
 from gateway.tunnel import tunnel
+from gateway.upstream.client import UpstreamError
 from gateway.upstream.cluster import Resume
 
 if TYPE_CHECKING:
@@ -112,20 +113,17 @@ class Flight:
     def upstream_ready(self) -> None:
         self.owner._upstream_ready(self)
 
+    def policy_done(self, problem: Problem | None) -> None:
+        self.owner._policy_done(self, problem)
+
     def client_lost(self) -> None:
         """The client left while this request was inline or handed over but not yet taken."""
         self.request.inline = None
         attempt, self.attempt = self.attempt, None
         if attempt is not None:
             attempt.abandon()
-        response, self.response = self.response, None
-        if response is not None:
-            response.release()
-        resume, self.resume = self.resume, None
-        if resume is not None:
-            resume.abandon()
         self.status = 499
-        self.owner._end(self)
+        self.owner._settle_flight(self)
 
 
 class RequestPath:
@@ -291,23 +289,32 @@ class RequestPath:
         else:
             flight = cast(Flight, handed)
             request.inline = None
+        inline = False
         try:
-            await self._run(flight)
+            inline = await self._run(flight)
         except Problem as problem:
             self._answer_problem(flight, problem)
         except (ClientGone, ConnectionError, asyncio.CancelledError):
             flight.status = 499  # client went away (nginx's convention)
             raise
         finally:
-            response, flight.response = flight.response, None
-            if response is not None:  # handed over, then cancelled before the relay
-                response.release()
-            resume, flight.resume = flight.resume, None
-            if resume is not None:  # handed over, then cancelled before the send
-                resume.abandon()
-            self._end(flight)
+            if not inline:
+                self._settle_flight(flight)
 
-    async def _run(self, flight: Flight) -> None:
+    def _settle_flight(self, flight: Flight) -> None:
+        """The request is done with: what a hand-over left unused is let go, and it is
+        counted and logged."""
+        response, flight.response = flight.response, None
+        if response is not None:  # handed over, then cancelled before the relay
+            response.release()
+        resume, flight.resume = flight.resume, None
+        if resume is not None:  # handed over, then cancelled before the send
+            resume.abandon()
+        self._end(flight)
+
+    async def _run(self, flight: Flight) -> bool:
+        """The request's steps on the task; True when its upstream exchange went on inline
+        (`_upstream_ready` ends it)."""
         request = flight.request
         if flight.route is None:
             route, ex = self._admit(flight)
@@ -319,8 +326,18 @@ class RequestPath:
             flight.next_policy += 1
         if request.upgrading and request.upgrade == "websocket" and request.method == "GET":
             await self._tunnel(flight, route, ex)
-        else:
-            await self._proxy(flight, route, ex)
+            return False
+        if (
+            flight.fields is None  # not handed over after an inline attempt
+            and self.inline
+            and request.body_complete
+            and not request.upgrading
+            and not self.tracing.enabled
+            and self._start_upstream(flight)
+        ):
+            return True  # after a policy that had to wait (Redis, a token to verify)
+        await self._proxy(flight, route, ex)
+        return False
 
     async def _request_body(
         self, request: IncomingRequest
@@ -430,7 +447,10 @@ class RequestPath:
                 conn.end_response()
                 return
             if up.content_length is not None and up.content_length <= SMALL_BODY:
-                data = await up.read()
+                try:
+                    data = await up.read()
+                except UpstreamError as exc:  # nothing sent yet: the client gets 502/504
+                    raise route.cluster.body_failed(target, exc) from None
                 conn.respond(request, status, head, data, reason=reason)
                 return
             chunks = up.iter_chunks().__aiter__()
@@ -438,12 +458,22 @@ class RequestPath:
                 first = await chunks.__anext__()
             except StopAsyncIteration:
                 first = b""
+            except UpstreamError as exc:
+                raise route.cluster.body_failed(target, exc) from None
             conn.start_response(
                 request, status, head, content_length=up.content_length, reason=reason, first=first
             )
             if first:
-                async for chunk in chunks:
-                    await conn.write(chunk)
+                try:
+                    async for chunk in chunks:
+                        await conn.write(chunk)
+                except UpstreamError as exc:
+                    # The head is out: the client can only learn of it from the connection
+                    # closing before the body's end (as nginx does).
+                    flight.status = route.cluster.body_failed(target, exc).status
+                    log.warning("%s: response body cut short: %s", route.service, exc)
+                    conn.cut()
+                    return
             conn.end_response()
         finally:
             up.release()
@@ -478,7 +508,7 @@ class RequestPath:
 
     def dispatch(self, request: IncomingRequest) -> int:
         """Handle ``request`` from the connection's callback if nothing has to wait: `DONE`
-        (answered), `IN_FLIGHT` (written upstream; `_upstream_ready` follows) or `TASK`."""
+        (answered), `IN_FLIGHT` (a policy's or the upstream's callback follows) or `TASK`."""
         if (
             not self.inline
             or not request.body_complete
@@ -486,37 +516,31 @@ class RequestPath:
             or self.tracing.enabled
         ):
             return TASK
-        flight = self._begin(request)
+        return self._go(self._begin(request))
+
+    def _go(self, flight: Flight) -> int:
+        """The flight's remaining steps, up to the first that has to wait (see `dispatch`)."""
+        request = flight.request
         try:
-            route, ex = self._admit(flight)
+            if flight.route is None:
+                route, ex = self._admit(flight)
+            else:
+                route, ex = flight.route, flight.ex  # type: ignore[assignment]
             policies = route.policies
-            for policy in policies:
+            while flight.next_policy < len(policies):
+                policy = policies[flight.next_policy]
                 if not policy.check_now(ex):
                     request.inline = flight
-                    return TASK
+                    if policy.check_soon(ex, flight.policy_done):
+                        return IN_FLIGHT  # Redis answers through _policy_done
+                    return TASK  # the task awaits this policy's check (a token to verify)
                 flight.next_policy += 1
-            body, _length = self._body_now(request)
-            raw_fields, headers = self._upstream_fields(flight)
-            headers.append(("traceparent", continue_trace(request.traceparent)[1]))
-            headers.extend(ex.upstream_headers)
-            flight.fields = (raw_fields, headers, body)
-            started = route.cluster.start_inline(
-                request.method,
-                route.upstream_path(flight.path) + flight.query,
-                headers,
-                body,
-                request_headers=request,
-                client_ip=ex.client_ip,
-                raw_fields=raw_fields,
-                on_ready=flight.upstream_ready,
-            )
-            request.inline = flight
-            if isinstance(started, Resume):
-                flight.resume = started  # no idle connection to the target: the task connects
-                return TASK
-            flight.attempt = started
-            return IN_FLIGHT
+            if self._start_upstream(flight):
+                return IN_FLIGHT
+            request.inline = flight  # no idle connection to the target: the task connects
+            return TASK
         except Problem as problem:
+            request.inline = None
             try:
                 self._answer_problem(flight, problem)
             except ClientGone:
@@ -528,6 +552,59 @@ class RequestPath:
             raise
         self._end(flight)
         return DONE
+
+    def _policy_done(self, flight: Flight, problem: Problem | None) -> None:
+        """A policy that answered through a callback (`Policy.check_soon`) has decided."""
+        request = flight.request
+        if request.inline is not flight:
+            return  # the client left meanwhile (Flight.client_lost)
+        conn = request.conn
+        if problem is None:
+            flight.next_policy += 1
+            try:
+                outcome = self._go(flight)
+            except Exception:  # noqa: BLE001 - a bug: request_crashed logs it, answers 500
+                conn.request_crashed(request)
+                return
+        else:
+            request.inline = None
+            try:
+                self._answer_problem(flight, problem)
+            except ClientGone:
+                flight.status = 499
+            self._end(flight)
+            outcome = DONE
+        if outcome == DONE:
+            conn.request_done(request)
+        elif outcome == TASK:
+            conn.hand_over(request)
+
+    def _start_upstream(self, flight: Flight) -> bool:
+        """The upstream attempt without waiting: True when it is under way (``request.inline``
+        says so to the connection), False when the task sends it (``flight.resume``)."""
+        request, route, ex = flight.request, flight.route, flight.ex
+        assert route is not None and ex is not None
+        body, _length = self._body_now(request)
+        raw_fields, headers = self._upstream_fields(flight)
+        headers.append(("traceparent", continue_trace(request.traceparent)[1]))
+        headers.extend(ex.upstream_headers)
+        flight.fields = (raw_fields, headers, body)
+        started = route.cluster.start_inline(
+            request.method,
+            route.upstream_path(flight.path) + flight.query,
+            headers,
+            body,
+            request_headers=request,
+            client_ip=ex.client_ip,
+            raw_fields=raw_fields,
+            on_ready=flight.upstream_ready,
+        )
+        if isinstance(started, Resume):
+            flight.resume = started  # no idle connection to the target: send() connects
+            return False
+        flight.attempt = started
+        request.inline = flight
+        return True
 
     def _upstream_ready(self, flight: Flight) -> None:
         """The inline request's upstream attempt has an outcome: relay a response that is

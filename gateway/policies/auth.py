@@ -15,6 +15,8 @@ from cityplane.problem import Problem
 from gateway.jwks import InvalidToken, KeysUnavailable, VerifiedToken
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from cityplane.schema import Auth
     from gateway.exchange import Exchange
     from gateway.jwks import TokenVerifier
@@ -111,6 +113,9 @@ class AuthPolicy:
             return False
         self._admit(exchange, verified)
         return True
+
+    def check_soon(self, exchange: Exchange, then: Callable[[Problem | None], None]) -> bool:
+        return False  # verifying a new token may fetch the hub's keys: the task awaits it
 
     async def check(self, exchange: Exchange) -> None:
         if self.check_now(exchange):

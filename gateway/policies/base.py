@@ -5,6 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from cityplane.problem import Problem
     from gateway.exchange import Exchange
 
 
@@ -22,6 +25,12 @@ class Policy(Protocol):
         """``check`` without waiting (docs/adr/0014-inline-exchanges.md): ``True`` when the
         policy decided (the request may go on, or the ``Problem`` was raised), ``False`` when
         deciding needs I/O; then nothing was changed and ``check`` follows."""
+        ...
+
+    def check_soon(self, exchange: Exchange, then: Callable[[Problem | None], None]) -> bool:
+        """After ``check_now`` said ``False``: start deciding and call ``then`` (from a
+        callback, with None to go on or the refusing ``Problem``), returning True; or return
+        False (nothing started) and ``check`` is awaited on the connection's task."""
         ...
 
     async def check(self, exchange: Exchange) -> None: ...

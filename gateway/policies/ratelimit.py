@@ -90,6 +90,7 @@ class RateLimitPolicy:
     __slots__ = (
         "_header",
         "_hit_now",
+        "_hit_soon",
         "_ip_prefix",
         "_key",
         "_limit",
@@ -115,6 +116,7 @@ class RateLimitPolicy:
         self._hit_now: Callable[[str, int, float], Decision] | None = getattr(
             store, "hit_now", None
         )
+        self._hit_soon: Callable[..., None] | None = getattr(store, "hit_soon", None)
         self._policy_header = (
             "RateLimit-Policy",
             f'"{POLICY_NAME}";q={spec.requests};w={max(1, math.ceil(spec.window))}',
@@ -167,28 +169,65 @@ class RateLimitPolicy:
         self._answer(exchange, hit_now(self._key(exchange), self._limit, self._window))
         return True
 
+    def check_soon(self, exchange: Exchange, then: Callable[[Problem | None], None]) -> bool:
+        """For a request handled without a task (ADR 14), when the store answers through a
+        callback (Redis): ``then(None)`` once the request may go on, ``then(problem)`` to
+        refuse it. Returns False when the store has no callback form (``check`` follows)."""
+        hit_soon = self._hit_soon
+        if hit_soon is None:
+            return False
+        key = self._key(exchange)
+
+        def decided(reply: Decision | Exception) -> None:
+            try:
+                if isinstance(reply, StoreUnavailable):
+                    decision = self._unavailable(exchange, key, reply)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    decision = reply
+                if decision is not None:
+                    self._answer(exchange, decision)
+            except Problem as problem:
+                then(problem)
+                return
+            then(None)
+
+        try:
+            hit_soon(key, self._limit, self._window, decided)
+        except StoreUnavailable as error:  # known to be down: decided at once
+            decided(error)
+        return True
+
     async def check(self, exchange: Exchange) -> None:
         key = self._key(exchange)
         try:
-            decision = await self._store.hit(key, self._limit, self._window)
+            decision: Decision | None = await self._store.hit(key, self._limit, self._window)
         except StoreUnavailable as error:
-            self._store_errors.inc()
-            metrics.RATELIMIT_DEGRADED.set(1)
-            _store_warning(self._route_id, self._mode, error)
-            if self._mode == "open":
-                exchange.response_headers.append(self._policy_header)
-                return
-            if self._mode == "closed":
-                raise Problem(
-                    503,
-                    "rate-limit-store-unavailable",
-                    "The rate-limit store is unavailable and this route fails closed.",
-                    headers={"Retry-After": "1"},
-                ) from None
-            # Each live replica enforces its share, so together they stay near the limit.
-            replicas = max(1, getattr(self._store, "replicas", 1))
-            decision = await self._local.hit(key, -(-self._limit // replicas), self._window)
-        self._answer(exchange, decision)
+            decision = self._unavailable(exchange, key, error)
+        if decision is not None:
+            self._answer(exchange, decision)
+
+    def _unavailable(
+        self, exchange: Exchange, key: str, error: StoreUnavailable
+    ) -> Decision | None:
+        """The store failed: what ``onStoreError`` says (None: let the request through)."""
+        self._store_errors.inc()
+        metrics.RATELIMIT_DEGRADED.set(1)
+        _store_warning(self._route_id, self._mode, error)
+        if self._mode == "open":
+            exchange.response_headers.append(self._policy_header)
+            return None
+        if self._mode == "closed":
+            raise Problem(
+                503,
+                "rate-limit-store-unavailable",
+                "The rate-limit store is unavailable and this route fails closed.",
+                headers={"Retry-After": "1"},
+            ) from None
+        # Each live replica enforces its share, so together they stay near the limit.
+        replicas = max(1, getattr(self._store, "replicas", 1))
+        return self._local.hit_now(key, -(-self._limit // replicas), self._window)
 
     def _answer(self, exchange: Exchange, decision: Decision) -> None:
         # Retry-After and t agree: draft-ietf-httpapi-ratelimit-headers-11 §6 says Retry-After

@@ -324,7 +324,15 @@ class _Batch:
     def __init__(self) -> None:
         self.keys: list[str] = []
         self.args: list[int] = []
-        self.futures: list[asyncio.Future[list[int]]] = []
+        # A future per awaiting hit, or the callback of a hit_soon().
+        self.futures: list[asyncio.Future[list[int]] | Callable[[Any], None]] = []
+
+
+def _answer(callback: Callable[[Any], None], reply: Any) -> None:
+    try:
+        callback(reply)
+    except Exception:  # one request's bug must not cost the rest of the batch their answer
+        log.exception("rate-limit decision callback failed")
 
 
 class RedisStore:
@@ -407,19 +415,47 @@ class RedisStore:
             raise StoreUnavailable("redis is unreachable; waiting for the probe")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[int]] = loop.create_future()
+        self._enqueue(loop, key, limit, window, future)
+        allowed, remaining, reset_us = await future
+        # A script's numbers come back as ints (Redis integer replies), whatever the parser.
+        return Decision(allowed == 1, limit, remaining, reset_us / _US)
+
+    def hit_soon(
+        self, key: str, limit: int, window: float, then: Callable[[Decision | Exception], None]
+    ) -> None:
+        """``hit`` through a callback, for a request handled without a task (ADR 14): ``then``
+        gets the decision or the `StoreUnavailable` from the batch's flusher. Raises
+        `StoreUnavailable` at once while Redis is known to be down."""
+        if self.degraded:
+            raise StoreUnavailable("redis is unreachable; waiting for the probe")
+
+        def answer(reply: list[int] | Exception) -> None:
+            if isinstance(reply, Exception):
+                then(reply)
+            else:
+                allowed, remaining, reset_us = reply
+                then(Decision(allowed == 1, limit, remaining, reset_us / _US))
+
+        self._enqueue(asyncio.get_running_loop(), key, limit, window, answer)
+
+    def _enqueue(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        key: str,
+        limit: int,
+        window: float,
+        waiter: asyncio.Future[list[int]] | Callable[[Any], None],
+    ) -> None:
         batch = self._batch
         batch.keys.append(self._prefix + key)
         batch.args += (limit, max(1, round(window * _US)))
-        batch.futures.append(future)
+        batch.futures.append(waiter)
         if len(batch.futures) == 1:
             # The first hit of this loop iteration starts the flusher; it runs on the next
             # iteration, by when every hit of this one has joined the batch.
             task = loop.create_task(self._flush(batch))
             self._flushers.add(task)
             task.add_done_callback(self._flushers.discard)
-        allowed, remaining, reset_us = await future
-        # A script's numbers come back as ints (Redis integer replies), whatever the parser.
-        return Decision(allowed == 1, limit, remaining, reset_us / _US)
 
     async def _flush(self, batch: _Batch) -> None:
         """Send the batch in one EVALSHA (per ``_MAX_BATCH`` hits) and answer each waiter."""
@@ -443,15 +479,19 @@ class RedisStore:
             detail = str(exc) or f"no answer within {self._timeout:g}s"
             message = f"redis: {type(exc).__name__}: {detail}"
             for future in futures:
-                if not future.done():
-                    error = StoreUnavailable(message)
-                    error.__cause__ = exc
+                error = StoreUnavailable(message)
+                error.__cause__ = exc
+                if not isinstance(future, asyncio.Future):
+                    _answer(future, error)
+                elif not future.done():
                     future.set_exception(error)
             if not isinstance(exc, Exception):
                 raise  # cancelled (close()): the waiters have their answer, the task stops
             return
         for future, reply in zip(futures, replies, strict=True):
-            if not future.done():  # its caller may have been cancelled meanwhile
+            if not isinstance(future, asyncio.Future):
+                _answer(future, reply)
+            elif not future.done():  # its caller may have been cancelled meanwhile
                 future.set_result(reply)
 
     def _fail(self, exc: BaseException) -> None:

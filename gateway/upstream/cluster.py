@@ -310,6 +310,20 @@ class UpstreamCluster:
             502, "upstream-unavailable", f"{self.service!r} could not be reached"
         ) from None
 
+    def body_failed(self, target: TargetState, exc: UpstreamError) -> Problem:
+        """A response's body failed after its head was accepted: a failure of ``target``
+        (passive health, errors), and the Problem that answers if nothing was sent yet."""
+        self.passive.record(target, False)
+        timed_out = isinstance(exc, UpstreamTimeout)
+        self._errors["timeout" if timed_out else "protocol"].inc()
+        if timed_out:
+            return Problem(
+                504,
+                "upstream-timeout",
+                f"{self.service!r} did not finish its answer within {self.request_timeout:g}s",
+            )
+        return Problem(502, "upstream-unavailable", f"{self.service!r} broke off its answer: {exc}")
+
     def _settle_response(
         self,
         target: TargetState,

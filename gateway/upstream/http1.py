@@ -16,6 +16,8 @@ from typing import Protocol, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from gateway.outbox import outbox
+
 __all__ = [
     "Http1Connection",
     "UpstreamConnectError",
@@ -190,6 +192,7 @@ class Http1Connection(asyncio.Protocol):
         self._head_waiter: asyncio.Future[None] | None = None
         # An inline exchange's callback (start(), ADR 14), in place of the head waiter.
         self._on_ready: Callable[[], None] | None = None
+        self._held: tuple[bytes, bytes | None] | None = None  # start()'s request, not yet written
         self._body_waiter: asyncio.Future[None] | None = None
         self._wait_since = 0.0
         self._sending_task: asyncio.Task[object] | None = None
@@ -616,10 +619,19 @@ class Http1Connection(asyncio.Protocol):
         (never from inside the parser), when the response head is complete (``response``)
         or the exchange failed (``error``)."""
         self._begin(is_head, deadline, idle_timeout)
-        transport = self._transport
-        assert transport is not None
         self._on_ready = on_ready
-        self._write_request(transport, head, body)
+        # Written with the other writes of this round of callbacks (gateway/outbox.py).
+        self._held = (head, body)
+        outbox(self._loop).hold(self)
+
+    def flush_held(self) -> None:
+        held, self._held = self._held, None
+        transport = self._transport
+        if held is None or transport is None or self._lost or self._exc is not None:
+            return  # abandoned, failed or closed meanwhile: nothing of it was sent
+        if self._phase != _AWAIT_HEAD:
+            return  # abandoned, failed or closed meanwhile: nothing of it was sent
+        self._write_request(transport, *held)
 
     @property
     def response(self) -> UpstreamResponse | None:

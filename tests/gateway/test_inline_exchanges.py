@@ -594,12 +594,6 @@ async def test_large_late_and_chunked_responses_are_handed_over_and_relayed_inta
     await settled(gw)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/server.py RequestPath._proxy: an UpstreamError from `await up.read()` "
-    "(a small body the upstream cut short or stalled) escapes as a bug: 500 internal-error, "
-    "'unhandled error' logged, and the access log says 200",
-)
 @pytest.mark.parametrize("failure", ["closed", "stalled"])
 async def test_small_body_the_upstream_fails_to_finish_is_answered_502_or_504(
     raw_upstream, gateway_factory, trace, gateway_driver, tmp_path, failure
@@ -628,9 +622,39 @@ async def test_small_body_the_upstream_fails_to_finish_is_answered_502_or_504(
         assert (await client.exchange(get("/warm"))).status == 200
         resp = await client.exchange(get("/cut"))
     lines = {line["path"]: line for line in access_lines(gw, log_file)}
-    assert lines["/cut"]["status"] == resp.status  # what the client got (today: 200 vs 500)
+    assert lines["/cut"]["status"] == resp.status  # what the client got
     expected = (502, "upstream-unavailable") if failure == "closed" else (504, "upstream-timeout")
     assert (resp.status, resp.problem_type()) == expected
+
+
+async def test_large_body_the_upstream_cuts_short_ends_the_client_connection(
+    raw_upstream, gateway_factory, gateway_driver, tmp_path, caplog
+):
+    """Once the head is out the client can only learn of the failure from the connection
+    closing before the body's end; logged 502, no 'unhandled error'."""
+
+    async def cut_short(req: RecordedRequest, reader: Any, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 200000\r\n\r\n" + b"x" * 100_000)
+        await writer.drain()
+        writer.close()
+
+    up = await raw_upstream({"/cut": cut_short})
+    log_file = tmp_path / "access.log"
+    gw = await gateway_factory(
+        [service("svc", [up.url], [ALL], upstream={"retries": {"attempts": 0}})],
+        access_log=str(log_file),
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.port)
+    writer.write(get("/cut"))
+    received = await asyncio.wait_for(reader.read(), 5)  # until the gateway closes
+    writer.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"Content-Length: 200000" in head
+    assert 0 < len(body) < 200_000
+    lines = {line["path"]: line for line in access_lines(gw, log_file)}
+    assert lines["/cut"]["status"] == 502
+    assert "unhandled error" not in caplog.text
 
 
 # -- 7. responses without a body -------------------------------------------------------------------
