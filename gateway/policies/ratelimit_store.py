@@ -324,7 +324,7 @@ class _Batch:
     def __init__(self) -> None:
         self.keys: list[str] = []
         self.args: list[int] = []
-        # A future per awaiting hit, or the callback of a hit_soon().
+        # A future per awaiting hit (the script's reply), or hit_soon()'s callback (a Decision).
         self.futures: list[asyncio.Future[list[int]] | Callable[[Any], None]] = []
 
 
@@ -413,9 +413,8 @@ class RedisStore:
     async def hit(self, key: str, limit: int, window: float) -> Decision:
         if self.degraded:
             raise StoreUnavailable("redis is unreachable; waiting for the probe")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[int]] = loop.create_future()
-        self._enqueue(loop, key, limit, window, future)
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._enqueue(key, limit, window, future)
         allowed, remaining, reset_us = await future
         # A script's numbers come back as ints (Redis integer replies), whatever the parser.
         return Decision(allowed == 1, limit, remaining, reset_us / _US)
@@ -428,19 +427,10 @@ class RedisStore:
         `StoreUnavailable` at once while Redis is known to be down."""
         if self.degraded:
             raise StoreUnavailable("redis is unreachable; waiting for the probe")
-
-        def answer(reply: list[int] | Exception) -> None:
-            if isinstance(reply, Exception):
-                then(reply)
-            else:
-                allowed, remaining, reset_us = reply
-                then(Decision(allowed == 1, limit, remaining, reset_us / _US))
-
-        self._enqueue(asyncio.get_running_loop(), key, limit, window, answer)
+        self._enqueue(key, limit, window, then)
 
     def _enqueue(
         self,
-        loop: asyncio.AbstractEventLoop,
         key: str,
         limit: int,
         window: float,
@@ -453,7 +443,7 @@ class RedisStore:
         if len(batch.futures) == 1:
             # The first hit of this loop iteration starts the flusher; it runs on the next
             # iteration, by when every hit of this one has joined the batch.
-            task = loop.create_task(self._flush(batch))
+            task = asyncio.get_running_loop().create_task(self._flush(batch))
             self._flushers.add(task)
             task.add_done_callback(self._flushers.discard)
 
@@ -488,9 +478,10 @@ class RedisStore:
             if not isinstance(exc, Exception):
                 raise  # cancelled (close()): the waiters have their answer, the task stops
             return
-        for future, reply in zip(futures, replies, strict=True):
-            if not isinstance(future, asyncio.Future):
-                _answer(future, reply)
+        for i, (future, reply) in enumerate(zip(futures, replies, strict=True)):
+            if not isinstance(future, asyncio.Future):  # hit_soon's callback: a Decision
+                allowed, remaining, reset_us = reply
+                _answer(future, Decision(allowed == 1, args[2 * i], remaining, reset_us / _US))
             elif not future.done():  # its caller may have been cancelled meanwhile
                 future.set_result(reply)
 
