@@ -338,9 +338,9 @@ def _answer(callback: Callable[[Any], None], reply: Any) -> None:
 class RedisStore:
     """Counters in Redis, shared by every gateway replica: one script, one round trip.
 
-    Hits that arrive in the same event-loop iteration share that round trip: they are queued,
-    and a flusher started by the first of them sends them all as one EVALSHA over their keys
-    (one atomic decision per key, in arrival order), then answers each caller's future.
+    Hits share round trips: they are queued, and one flusher sends the queue as one EVALSHA
+    over their keys (one atomic decision per key, in arrival order), answers each caller, and
+    sends what queued meanwhile (`_flush_all`: one batch in flight at a time).
     The command, the reply and the connection checkout are paid once per batch, not per hit:
     that per-call work was most of the limiter's CPU (docs/adr/0002-rate-limit-algorithm.md).
 
@@ -384,7 +384,7 @@ class RedisStore:
         self._probe: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._batch = _Batch()  # hits of this loop iteration, not yet sent
-        self._flushers: set[asyncio.Task[None]] = set()
+        self._flusher: asyncio.Task[None] | None = None
 
     @classmethod
     def from_url(cls, url: str, *, timeout: float = 0.1, **options: Any) -> RedisStore:
@@ -440,16 +440,28 @@ class RedisStore:
         batch.keys.append(self._prefix + key)
         batch.args += (limit, max(1, round(window * _US)))
         batch.futures.append(waiter)
-        if len(batch.futures) == 1:
-            # The first hit of this loop iteration starts the flusher; it runs on the next
-            # iteration, by when every hit of this one has joined the batch.
-            task = asyncio.get_running_loop().create_task(self._flush(batch))
-            self._flushers.add(task)
-            task.add_done_callback(self._flushers.discard)
+        if self._flusher is None:
+            # The first hit starts the flusher; it runs on the next loop iteration, by when
+            # every hit of this one has joined the batch.
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_all())
+
+    async def _flush_all(self) -> None:
+        """Send batches one at a time while hits keep coming: the hits that arrive while a
+        batch is in flight make the next batch, so batches grow with the load (and the
+        command's fixed cost, ~100 µs of CPU with redis-py, is paid once for more hits)
+        without delaying a hit when Redis is idle."""
+        try:
+            while self._batch.futures:
+                batch, self._batch = self._batch, _Batch()
+                if self.degraded:  # the batch before failed: these fail at once as well
+                    self._fail_batch(batch, "redis is unreachable; waiting for the probe", None)
+                    continue
+                await self._flush(batch)
+        finally:
+            self._flusher = None
 
     async def _flush(self, batch: _Batch) -> None:
         """Send the batch in one EVALSHA (per ``_MAX_BATCH`` hits) and answer each waiter."""
-        self._batch = _Batch()
         keys, args, futures = batch.keys, batch.args, batch.futures
         try:
             async with asyncio.timeout(self._timeout):
@@ -467,14 +479,7 @@ class RedisStore:
             if isinstance(exc, Exception):
                 self._fail(exc)
             detail = str(exc) or f"no answer within {self._timeout:g}s"
-            message = f"redis: {type(exc).__name__}: {detail}"
-            for future in futures:
-                error = StoreUnavailable(message)
-                error.__cause__ = exc
-                if not isinstance(future, asyncio.Future):
-                    _answer(future, error)
-                elif not future.done():
-                    future.set_exception(error)
+            self._fail_batch(batch, f"redis: {type(exc).__name__}: {detail}", exc)
             if not isinstance(exc, Exception):
                 raise  # cancelled (close()): the waiters have their answer, the task stops
             return
@@ -484,6 +489,16 @@ class RedisStore:
                 _answer(future, Decision(allowed == 1, args[2 * i], remaining, reset_us / _US))
             elif not future.done():  # its caller may have been cancelled meanwhile
                 future.set_result(reply)
+
+    @staticmethod
+    def _fail_batch(batch: _Batch, message: str, cause: BaseException | None) -> None:
+        for future in batch.futures:
+            error = StoreUnavailable(message)  # each waiter raises its own
+            error.__cause__ = cause
+            if not isinstance(future, asyncio.Future):
+                _answer(future, error)
+            elif not future.done():
+                future.set_exception(error)
 
     def _fail(self, exc: BaseException) -> None:
         metrics.RATELIMIT_DEGRADED.set(1)
@@ -544,8 +559,8 @@ class RedisStore:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._heartbeat = self._probe = None
-        if self._flushers:  # batches in flight end within the deadline; let them answer
-            await asyncio.gather(*self._flushers, return_exceptions=True)
+        if self._flusher is not None:  # a batch in flight ends within the deadline
+            await asyncio.gather(self._flusher, return_exceptions=True)
         if not self.degraded:
             try:
                 async with asyncio.timeout(max(self._timeout, 1.0)):
