@@ -24,6 +24,7 @@ class Exchange:
         "response_headers",
         "route_id",
         "start",
+        "upstream_block",
         "upstream_headers",
     )
 
@@ -50,3 +51,6 @@ class Exchange:
         self.response_headers: list[tuple[str, str]] = []
         # Extra headers for the upstream request (verified identity, …).
         self.upstream_headers: list[tuple[str, str]] = []
+        # ... and ready-made wire lines of them ("Name: value\r\n" each; the auth policy's
+        # identity fields, encoded once per verified token).
+        self.upstream_block = b""

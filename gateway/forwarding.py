@@ -105,12 +105,13 @@ def forwarded_fields(
     peer_trusted: bool,
     scheme: str,
     host: str,
-) -> tuple[bytes, list[tuple[str, str]]]:
+) -> tuple[bytes, bytes]:
     """The client's end-to-end fields, cleaned, and the forwarding fields for this hop.
 
-    The client's fields stay the bytes llhttp accepted (it refuses CR, LF and NUL in values
-    and non-token names), joined into one block ready for the upstream head: no decoding and
-    re-encoding per field. The forwarding fields this hop writes come back as text.
+    Both come back as blocks of wire lines ready for the upstream head. The client's fields
+    stay the bytes llhttp accepted (it refuses CR, LF and NUL in values and non-token names):
+    no decoding and re-encoding per field. This hop's fields are built from those bytes and
+    the peer's address, once per distinct set of values (`_hop_block`).
     """
     connection_named: set[bytes] | None = None
     out: list[bytes] = []
@@ -153,13 +154,22 @@ def forwarded_fields(
     this_hop = _forwarded_element(peer, host, scheme)
     xff = ", ".join([*prior_xff, peer]) if prior_xff else peer
     fwd = ", ".join([*prior_fwd, this_hop]) if prior_fwd else this_hop
-    ours = [("X-Forwarded-For", xff)]
-    if not has_proto:
-        ours.append(("X-Forwarded-Proto", scheme))
-    if not has_host:
-        ours.append(("X-Forwarded-Host", host))
-    ours.append(("Forwarded", fwd))
-    return b"".join(out), ours
+    hop = _hop_block(xff, None if has_proto else scheme, None if has_host else host, fwd)
+    return b"".join(out), hop
+
+
+@functools.lru_cache(maxsize=1024)
+def _hop_block(xff: str, proto: str | None, host: str | None, fwd: str) -> bytes:
+    """This hop's forwarding fields as wire lines: the same for every request of a client
+    that is not behind a trusted proxy. The values come from bytes llhttp accepted (decoded
+    latin-1) and the peer's address, so they hold no CR, LF or NUL."""
+    lines = [f"X-Forwarded-For: {xff}\r\n"]
+    if proto is not None:
+        lines.append(f"X-Forwarded-Proto: {proto}\r\n")
+    if host is not None:
+        lines.append(f"X-Forwarded-Host: {host}\r\n")
+    lines.append(f"Forwarded: {fwd}\r\n")
+    return "".join(lines).encode("latin-1")
 
 
 def upstream_headers(
@@ -171,14 +181,14 @@ def upstream_headers(
     host: str,
 ) -> list[tuple[str, str]]:
     """`forwarded_fields` as one list of text pairs (the client's first, then this hop's)."""
-    block, ours = forwarded_fields(
+    block, hop = forwarded_fields(
         raw_headers, peer=peer, peer_trusted=peer_trusted, scheme=scheme, host=host
     )
     fields = []
-    for line in block.decode("latin-1").split("\r\n")[:-1]:
+    for line in (block + hop).decode("latin-1").split("\r\n")[:-1]:
         name, _, value = line.partition(": ")
         fields.append((name, value))
-    return fields + ours
+    return fields
 
 
 # What a client's field name is to the proxy, by its raw bytes: (lower-case name, kind).

@@ -54,7 +54,16 @@ def _header_value(value: str) -> str:
 class VerifiedToken:
     """A verified access token and what the gateway derives from it, computed once."""
 
-    __slots__ = ("auth_time", "claims", "consumer", "expires_at", "headers", "level", "scopes")
+    __slots__ = (
+        "auth_time",
+        "claims",
+        "consumer",
+        "expires_at",
+        "header_block",
+        "headers",
+        "level",
+        "scopes",
+    )
 
     def __init__(self, claims: dict[str, Any], expires_at: float) -> None:
         self.claims = claims
@@ -91,6 +100,9 @@ class VerifiedToken:
         if self.scopes:
             headers.append(("X-CityPlane-Scopes", _header_value(" ".join(scope.split()))))
         self.headers: tuple[tuple[str, str], ...] = tuple(headers)
+        # The same as wire lines, for the upstream head (the values are percent-encoded
+        # ASCII: no CR, LF or NUL can be in them).
+        self.header_block = "".join(f"{n}: {v}\r\n" for n, v in headers).encode("ascii")
 
 
 class TokenVerifier:

@@ -254,16 +254,16 @@ class RequestPath:
         return body, request.content_length
 
     def _upstream_fields(self, flight: Flight) -> tuple[bytes, list[tuple[str, str]]]:
-        """The client's fields as wire bytes, and the fields this hop adds."""
+        """The upstream request's fields: wire lines (the client's, this hop's forwarding
+        fields, the policies' ready-made ones) and text fields (the request id, the policies')."""
         request, ex = flight.request, flight.ex
         assert ex is not None
         peer = request.conn.peer
         trusted = self.trusted.trusts(peer) if self.trusted else False
-        raw, headers = forwarded_fields(
+        raw, hop = forwarded_fields(
             request.raw_headers, peer=peer, peer_trusted=trusted, scheme="http", host=request.host
         )
-        headers.append(("X-Request-Id", ex.request_id))
-        return raw, headers
+        return raw + hop + ex.upstream_block, [("X-Request-Id", ex.request_id)]
 
     def _response_head(self, flight: Flight, up: UpstreamResponse) -> bytes:
         # The gateway's own fields replace any of the same name from the upstream. The
@@ -271,11 +271,7 @@ class RequestPath:
         route, ex = flight.route, flight.ex
         assert route is not None and ex is not None
         own = [("X-Request-Id", ex.request_id), *route.response_headers, *ex.response_headers]
-        drop = (
-            UPSTREAM_RESPONSE_DROP
-            if len(own) == 1
-            else UPSTREAM_RESPONSE_DROP | {n.lower().encode("latin-1") for n, _ in own}
-        )
+        drop = UPSTREAM_RESPONSE_DROP if len(own) == 1 else _response_drop(own)
         return b"".join(
             [n + b": " + v + b"\r\n" for n, v in up.raw_headers if n.lower() not in drop]
         ) + encode_fields(own)
@@ -657,6 +653,21 @@ class RequestPath:
             return
         self._end(flight)
         conn.request_done(request)
+
+
+_DROPS: dict[tuple[str, ...], frozenset[bytes]] = {}
+
+
+def _response_drop(own: list[tuple[str, str]]) -> frozenset[bytes]:
+    """The upstream response fields not relayed when the gateway writes ``own``: a route's
+    requests add the same few names, so the set is built once per set of names."""
+    names = tuple([n for n, _ in own])
+    drop = _DROPS.get(names)
+    if drop is None:
+        drop = UPSTREAM_RESPONSE_DROP | {n.lower().encode("latin-1") for n in names}
+        if len(_DROPS) < 1024:  # names come from config and policies, but stay bounded
+            _DROPS[names] = drop
+    return drop
 
 
 def _body_timeout(timeout: float) -> Problem:

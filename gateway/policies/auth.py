@@ -155,7 +155,7 @@ class AuthPolicy:
             self._step_up_needed(low, old)
         exchange.consumer = verified.consumer
         exchange.identity = verified.claims
-        exchange.upstream_headers.extend(verified.headers)
+        exchange.upstream_block += verified.header_block
 
     async def _verify(self, token: str) -> VerifiedToken:
         token = token.lstrip(" ")

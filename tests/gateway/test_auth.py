@@ -773,7 +773,7 @@ async def test_cached_token_check_costs_under_fifty_microseconds(
     )
 
     def check() -> None:
-        exchange.upstream_headers = []
+        exchange.upstream_block = b""
         coro = policy.check(exchange)
         try:
             coro.send(None)

@@ -57,13 +57,17 @@ def test_client_fields_go_upstream_as_the_bytes_the_client_sent() -> None:
         (b"Proxy-Foo", b"1"),
         (b"Accept", b"*/*"),
     ]
-    block, ours = forwarded_fields(
+    block, hop = forwarded_fields(
         raw, peer="10.0.0.7", peer_trusted=False, scheme="https", host="api.city.example"
     )
     assert block == b"X-Note: caf\xe9 \xe4\xb8\xad\r\nAccept: */*\r\n"
-    head, _ = encode_request_head("GET", "/x", [("Host", "up"), *ours], None, None, block)
-    assert head.startswith(b"GET /x HTTP/1.1\r\nHost: up\r\nX-Forwarded-For: 10.0.0.7\r\n")
-    assert head.endswith(block + b"\r\n")
+    assert hop == (
+        b"X-Forwarded-For: 10.0.0.7\r\nX-Forwarded-Proto: https\r\n"
+        b"X-Forwarded-Host: api.city.example\r\n"
+        b"Forwarded: for=10.0.0.7;host=api.city.example;proto=https\r\n"
+    )
+    head, _ = encode_request_head("GET", "/x", [("Host", "up")], None, None, block + hop)
+    assert head == b"GET /x HTTP/1.1\r\nHost: up\r\n" + block + hop + b"\r\n"
 
 
 def test_raw_fields_must_be_whole_lines() -> None:
