@@ -366,7 +366,7 @@ async def validation_cost(issuer: str, tokens: list[str], number: int) -> dict[s
         )
 
         def check() -> None:
-            exchange.upstream_headers = []
+            exchange.upstream_block = b""
             coro = policy.check(exchange)
             try:
                 coro.send(None)
