@@ -253,9 +253,12 @@ class RequestPath:
             )
         return body, request.content_length
 
-    def _upstream_fields(self, flight: Flight) -> tuple[bytes, list[tuple[str, str]]]:
+    def _upstream_fields(
+        self, flight: Flight, traceparent: str | None = None
+    ) -> tuple[bytes, list[tuple[str, str]]]:
         """The upstream request's fields: wire lines (the client's, this hop's forwarding
-        fields, the policies' ready-made ones) and text fields (the request id, the policies')."""
+        fields, the policies' ready-made ones) and text fields (the request id, the trace
+        context, the policies')."""
         request, ex = flight.request, flight.ex
         assert ex is not None
         peer = request.conn.peer
@@ -263,7 +266,11 @@ class RequestPath:
         raw, hop = forwarded_fields(
             request.raw_headers, peer=peer, peer_trusted=trusted, scheme="http", host=request.host
         )
-        return raw + hop + ex.upstream_block, [("X-Request-Id", ex.request_id)]
+        headers = [("X-Request-Id", ex.request_id)]
+        if traceparent is not None:
+            headers.append(("traceparent", traceparent))
+        headers.extend(ex.upstream_headers)
+        return raw + hop + ex.upstream_block, headers
 
     def _response_head(self, flight: Flight, up: UpstreamResponse) -> bytes:
         # The gateway's own fields replace any of the same name from the upstream. The
@@ -390,7 +397,6 @@ class RequestPath:
                 body: bytes | AsyncIterator[bytes] | None = body_now
                 length = request.content_length
             else:
-                raw_fields, headers = self._upstream_fields(flight)
                 _trace_id, traceparent = continue_trace(request.traceparent)
                 if self.tracing.enabled:
                     span = self.tracing.server_span(
@@ -399,8 +405,7 @@ class RequestPath:
                     client_span, traceparent = self.tracing.client_span(
                         span, request.method, route.service + route.upstream_path(flight.path)
                     )
-                headers.append(("traceparent", traceparent))
-                headers.extend(ex.upstream_headers)
+                raw_fields, headers = self._upstream_fields(flight, traceparent)
             resume, flight.resume = flight.resume, None
             try:
                 if flight.fields is None:
@@ -485,7 +490,6 @@ class RequestPath:
             raise Problem(503, "no-healthy-upstream", "no healthy upstream for this WebSocket")
         base, host = cluster.address(target)
         raw_fields, headers = self._upstream_fields(flight)
-        headers.extend(ex.upstream_headers)
         response_headers = [("X-Request-Id", ex.request_id), *ex.response_headers]
         flight.upstream_url = target.url
         flight.status = await tunnel(
@@ -581,9 +585,7 @@ class RequestPath:
         request, route, ex = flight.request, flight.route, flight.ex
         assert route is not None and ex is not None
         body, _length = self._body_now(request)
-        raw_fields, headers = self._upstream_fields(flight)
-        headers.append(("traceparent", continue_trace(request.traceparent)[1]))
-        headers.extend(ex.upstream_headers)
+        raw_fields, headers = self._upstream_fields(flight, continue_trace(request.traceparent)[1])
         flight.fields = (raw_fields, headers, body)
         started = route.cluster.start_inline(
             request.method,
