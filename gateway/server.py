@@ -69,35 +69,25 @@ class Flight:
 
     __slots__ = (
         "attempt",
-        "client_ip",
         "ex",
         "fields",
         "next_policy",
         "owner",
-        "path",
         "query",
         "request",
-        "request_id",
         "response",
         "resume",
         "route",
-        "start",
         "status",
         "target",
         "upstream_url",
     )
 
-    def __init__(
-        self, owner: RequestPath, request: IncomingRequest, start: float, client_ip: str, rid: str
-    ) -> None:
+    def __init__(self, owner: RequestPath, request: IncomingRequest, ex: Exchange) -> None:
         self.owner = owner
         self.request = request
-        self.start = start
-        self.client_ip = client_ip
-        self.request_id = rid
+        self.ex = ex  # the policies' view: client, request id, start, path once routed
         self.route: CompiledRoute | None = None
-        self.ex: Exchange | None = None
-        self.path = ""
         self.query = ""
         self.status = 500
         self.upstream_url: str | None = None
@@ -167,17 +157,25 @@ class RequestPath:
             if incoming_id and _REQUEST_ID.match(incoming_id)
             else getrandbits(128).to_bytes(16, "big").hex()  # as f"{n:032x}", in half the time
         )
-        return Flight(self, request, start, client_ip, request_id)
+        ex = Exchange(
+            request,
+            client_ip=client_ip,
+            path=request.raw_path,  # the normalized path once routed (_admit)
+            route_id="-",
+            request_id=request_id,
+            start=start,
+        )
+        return Flight(self, request, ex)
 
-    def _admit(self, flight: Flight) -> tuple[CompiledRoute, Exchange]:
+    def _admit(self, flight: Flight) -> CompiledRoute:
         """Routing and the checks before any policy; raises the Problem that answers."""
-        request = flight.request
+        request, ex = flight.request, flight.ex
         if request.method == "CONNECT":
             raise Problem(
                 405, "method-not-allowed", "CONNECT is not allowed: the gateway is no tunnel"
             )
         path_raw, flight.query = split_target(request.raw_path)
-        flight.path = path = normalize_path(path_raw)
+        ex.path = path = normalize_path(path_raw)
         found = self.table.match(request.host, path, request.method)
         if found is None:
             raise Problem(404, "no-route", f"no route matches {request.method} {path}")
@@ -196,15 +194,8 @@ class RequestPath:
             raise Problem(
                 413, "body-too-large", f"the body is larger than {self.limits.max_body} bytes"
             )
-        flight.ex = ex = Exchange(
-            request,
-            client_ip=flight.client_ip,
-            path=path,
-            route_id=route.route_id,
-            request_id=flight.request_id,
-            start=flight.start,
-        )
-        return route, ex
+        ex.route_id = route.route_id
+        return route
 
     def _answer_problem(self, flight: Flight, problem: Problem) -> None:
         flight.status = problem.status
@@ -213,26 +204,26 @@ class RequestPath:
         extra: list[tuple[str, str]] = []
         if route is not None:
             extra.extend(route.response_headers)
-        if ex is not None and problem.status in (429, 503):
+        if problem.status in (429, 503):
             named = {n.lower() for n in problem.headers}
             extra.extend((n, v) for n, v in ex.response_headers if n.lower() not in named)
         # RFC 9110 §15.5.9: after a 408 the body's framing is lost.
         request = flight.request
         request.conn.respond_problem(
-            request, problem, request_id=flight.request_id, extra=extra, close=flight.status == 408
+            request, problem, request_id=ex.request_id, extra=extra, close=flight.status == 408
         )
 
     def _end(self, flight: Flight) -> None:
         self.in_flight -= 1
-        request, route = flight.request, flight.route
+        request, route, ex = flight.request, flight.route, flight.ex
         key = (route.service, route.name) if route is not None else _NO_ROUTE
-        elapsed = self._loop.time() - flight.start
+        elapsed = self._loop.time() - ex.start
         self._metrics.observe(key[0], key[1], flight.status, elapsed)
         if self.access_log is not None:
             self.access_log.record_request(
                 round(time.time(), 3),
-                flight.request_id,
-                flight.client_ip,
+                ex.request_id,
+                ex.client_ip,
                 request.method,
                 request.raw_path,
                 flight.status,
@@ -260,7 +251,6 @@ class RequestPath:
         fields, the policies' ready-made ones) and text fields (the request id, the trace
         context, the policies')."""
         request, ex = flight.request, flight.ex
-        assert ex is not None
         peer = request.conn.peer
         trusted = self.trusted.trusts(peer) if self.trusted else False
         raw, hop = forwarded_fields(
@@ -276,7 +266,7 @@ class RequestPath:
         # The gateway's own fields replace any of the same name from the upstream. The
         # upstream's fields are relayed as the bytes llhttp accepted (no CR, LF or NUL).
         route, ex = flight.route, flight.ex
-        assert route is not None and ex is not None
+        assert route is not None
         own = [("X-Request-Id", ex.request_id), *route.response_headers, *ex.response_headers]
         drop = UPSTREAM_RESPONSE_DROP if len(own) == 1 else _response_drop(own)
         return b"".join(
@@ -319,10 +309,8 @@ class RequestPath:
         """The request's steps on the task; True when its upstream exchange went on inline
         (`_upstream_ready` ends it)."""
         request = flight.request
-        if flight.route is None:
-            route, ex = self._admit(flight)
-        else:
-            route, ex = flight.route, flight.ex  # type: ignore[assignment]
+        route = flight.route if flight.route is not None else self._admit(flight)
+        ex = flight.ex
         policies = route.policies
         while flight.next_policy < len(policies):
             await policies[flight.next_policy].check(ex)
@@ -403,7 +391,7 @@ class RequestPath:
                         request.method, route.route_id, request.traceparent
                     )
                     client_span, traceparent = self.tracing.client_span(
-                        span, request.method, route.service + route.upstream_path(flight.path)
+                        span, request.method, route.service + route.upstream_path(flight.ex.path)
                     )
                 raw_fields, headers = self._upstream_fields(flight, traceparent)
             resume, flight.resume = flight.resume, None
@@ -412,7 +400,7 @@ class RequestPath:
                     body, length = await self._request_body(request)
                 up, target = await route.cluster.send(
                     request.method,
-                    route.upstream_path(flight.path) + flight.query,
+                    route.upstream_path(flight.ex.path) + flight.query,
                     headers,
                     body,
                     request_headers=request,
@@ -497,7 +485,7 @@ class RequestPath:
             target=target,
             base=base,
             host=host,
-            path=route.upstream_path(flight.path) + flight.query,
+            path=route.upstream_path(flight.ex.path) + flight.query,
             headers=headers,
             raw_fields=raw_fields,
             response_headers=response_headers,
@@ -522,10 +510,8 @@ class RequestPath:
         """The flight's remaining steps, up to the first that has to wait (see `dispatch`)."""
         request = flight.request
         try:
-            if flight.route is None:
-                route, ex = self._admit(flight)
-            else:
-                route, ex = flight.route, flight.ex  # type: ignore[assignment]
+            route = flight.route if flight.route is not None else self._admit(flight)
+            ex = flight.ex
             policies = route.policies
             while flight.next_policy < len(policies):
                 policy = policies[flight.next_policy]
@@ -583,13 +569,13 @@ class RequestPath:
         """The upstream attempt without waiting: True when it is under way (``request.inline``
         says so to the connection), False when the task sends it (``flight.resume``)."""
         request, route, ex = flight.request, flight.route, flight.ex
-        assert route is not None and ex is not None
+        assert route is not None
         body, _length = self._body_now(request)
         raw_fields, headers = self._upstream_fields(flight, continue_trace(request.traceparent)[1])
         flight.fields = (raw_fields, headers, body)
         started = route.cluster.start_inline(
             request.method,
-            route.upstream_path(flight.path) + flight.query,
+            route.upstream_path(flight.ex.path) + flight.query,
             headers,
             body,
             request_headers=request,
