@@ -27,7 +27,8 @@ from gateway.compiler import Compiler, ConfigError, PolicyContext
 from gateway.connections import GatewayLimits, make_server
 from gateway.forwarding import TrustedProxies
 from gateway.heap import FrozenHeap
-from gateway.policies.ratelimit_store import LocalStore, RedisStore
+from gateway.policies.ratelimit_redis import RedisStore
+from gateway.policies.ratelimit_store import LocalStore
 from gateway.registry_source import RegistrySource
 from gateway.routing import RoutingTable
 from gateway.server import RequestPath

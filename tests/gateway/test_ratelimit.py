@@ -33,12 +33,8 @@ from cityplane.schema import RateLimit
 from gateway.exchange import Exchange
 from gateway.policies import ratelimit
 from gateway.policies.ratelimit import MAX_KEY_PART, RateLimitPolicy
-from gateway.policies.ratelimit_store import (
-    Decision,
-    LocalStore,
-    RedisStore,
-    StoreUnavailable,
-)
+from gateway.policies.ratelimit_redis import RedisStore
+from gateway.policies.ratelimit_store import Decision, LocalStore, StoreUnavailable
 
 REDIS_SERVER = "/usr/bin/redis-server"
 

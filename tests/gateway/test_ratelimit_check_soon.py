@@ -14,7 +14,8 @@ from redis.asyncio import Redis
 from cityplane.problem import Problem
 from gateway.h1server import ClientConnection, IncomingRequest
 from gateway.policies.ratelimit import RateLimitPolicy
-from gateway.policies.ratelimit_store import LocalStore, RedisStore
+from gateway.policies.ratelimit_redis import RedisStore
+from gateway.policies.ratelimit_store import LocalStore
 from gateway.server import IN_FLIGHT
 from tests.conftest import service
 from tests.gateway.test_ratelimit import (

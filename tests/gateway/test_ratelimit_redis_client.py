@@ -19,7 +19,8 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import Connection, UnixDomainSocketConnection
 from redis.exceptions import DataError
 
-from gateway.policies.ratelimit_store import RedisStore, StoreUnavailable
+from gateway.policies.ratelimit_redis import RedisStore
+from gateway.policies.ratelimit_store import StoreUnavailable
 
 REDIS_SERVER = "/usr/bin/redis-server"
 SHA = "0123456789abcdef0123456789abcdef01234567"
