@@ -21,6 +21,7 @@ class Exchange:
         "path",
         "request",
         "request_id",
+        "response_block",
         "response_headers",
         "route_id",
         "start",
@@ -47,8 +48,12 @@ class Exchange:
         # Set by the auth policy once a token is verified: the token's client or subject.
         self.consumer: str | None = None
         self.identity: dict[str, Any] | None = None
-        # Extra headers for the client's response (RateLimit, Deprecation, …).
+        # Extra headers for the client's response, from a policy (checked when encoded) ...
         self.response_headers: list[tuple[str, str]] = []
+        # ... and the gateway's own, ready-made ("Name: value\r\n" each; the RateLimit
+        # fields). Their names are in the policy's `response_fields`, so that the upstream's
+        # fields of the same name are dropped.
+        self.response_block = b""
         # Extra headers for the upstream request (verified identity, …).
         self.upstream_headers: list[tuple[str, str]] = []
         # ... and ready-made wire lines of them ("Name: value\r\n" each; the auth policy's

@@ -734,14 +734,17 @@ class ClientConnection(asyncio.Protocol):
         *,
         request_id: str | None = None,
         extra: list[tuple[str, str]] | None = None,
+        raw: bytes = b"",
         close: bool = False,
     ) -> None:
+        """``raw``: fields already in wire form ("Name: value\r\n" each), as written by the
+        gateway itself."""
         fields = [("Content-Type", PROBLEM_CONTENT_TYPE), *problem.headers.items()]
         if request_id:
             fields.append(("X-Request-Id", request_id))
         if extra:
             fields.extend(extra)
-        self.respond(req, problem.status, encode_fields(fields), problem.body(), close=close)
+        self.respond(req, problem.status, encode_fields(fields) + raw, problem.body(), close=close)
 
     def start_response(
         self,

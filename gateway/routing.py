@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.forwarding import UPSTREAM_RESPONSE_DROP
+from gateway.h1server import encode_fields
 from gateway.policies.base import Policy
 
 
@@ -36,9 +38,18 @@ class CompiledRoute:
     response_headers: tuple[tuple[str, str], ...] = ()
     route_id: str = field(init=False)
     extra: dict[str, Any] = field(default_factory=dict)
+    # ``response_headers`` on the wire, and the upstream response fields not relayed: those
+    # the gateway sets itself on this route (X-Request-Id, these, the policies' own).
+    response_block: bytes = field(init=False)
+    response_drop: frozenset[bytes] = field(init=False)
 
     def __post_init__(self) -> None:
         self.route_id = f"{self.service}/{self.name}"
+        self.response_block = encode_fields(list(self.response_headers))
+        names = {n for n, _ in self.response_headers}
+        for policy in self.policies:
+            names.update(getattr(policy, "response_fields", ()))
+        self.response_drop = UPSTREAM_RESPONSE_DROP | {n.lower().encode("latin-1") for n in names}
 
     def upstream_path(self, path: str) -> str:
         """The path sent upstream: the normalized request path, minus the prefix if asked."""

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cityplane.gateway")
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatch: no trailing newline
 # Bodies up to this size are read whole: cheap, and replayable for retries.
 SMALL_BODY = 64 * 1024
 _NO_ROUTE = ("-", "-")
@@ -154,7 +154,7 @@ class RequestPath:
         incoming_id = request.request_id
         request_id = (
             incoming_id
-            if incoming_id and _REQUEST_ID.match(incoming_id)
+            if incoming_id and _REQUEST_ID.fullmatch(incoming_id)
             else getrandbits(128).to_bytes(16, "big").hex()  # as f"{n:032x}", in half the time
         )
         ex = Exchange(
@@ -204,13 +204,22 @@ class RequestPath:
         extra: list[tuple[str, str]] = []
         if route is not None:
             extra.extend(route.response_headers)
+        block = b""
         if problem.status in (429, 503):
             named = {n.lower() for n in problem.headers}
             extra.extend((n, v) for n, v in ex.response_headers if n.lower() not in named)
+            # The gateway's own policies refuse before writing `response_block` (a 429 carries
+            # its RateLimit fields in the problem): what is there is from an earlier decision.
+            block = ex.response_block
         # RFC 9110 §15.5.9: after a 408 the body's framing is lost.
         request = flight.request
         request.conn.respond_problem(
-            request, problem, request_id=ex.request_id, extra=extra, close=flight.status == 408
+            request,
+            problem,
+            request_id=ex.request_id,
+            extra=extra,
+            raw=block,
+            close=flight.status == 408,
         )
 
     def _end(self, flight: Flight) -> None:
@@ -265,13 +274,19 @@ class RequestPath:
     def _response_head(self, flight: Flight, up: UpstreamResponse) -> bytes:
         # The gateway's own fields replace any of the same name from the upstream. The
         # upstream's fields are relayed as the bytes llhttp accepted (no CR, LF or NUL).
+        # The request id is ours or passed _REQUEST_ID: no CR, LF or NUL to remove.
         route, ex = flight.route, flight.ex
         assert route is not None
-        own = [("X-Request-Id", ex.request_id), *route.response_headers, *ex.response_headers]
-        drop = UPSTREAM_RESPONSE_DROP if len(own) == 1 else _response_drop(own)
+        extra = ex.response_headers
+        if extra:  # text fields from a policy (the gateway's own write `response_block`)
+            drop = _response_drop(extra) | route.response_drop
+            own = route.response_block + encode_fields(extra)
+        else:
+            drop, own = route.response_drop, route.response_block
         return b"".join(
             [n + b": " + v + b"\r\n" for n, v in up.raw_headers if n.lower() not in drop]
-        ) + encode_fields(own)
+            + [b"X-Request-Id: ", ex.request_id.encode(), b"\r\n", own, ex.response_block]
+        )
 
     # -- the task's driver ------------------------------------------------------------------------
 
@@ -479,6 +494,7 @@ class RequestPath:
         base, host = cluster.address(target)
         raw_fields, headers = self._upstream_fields(flight)
         response_headers = [("X-Request-Id", ex.request_id), *ex.response_headers]
+        response_block = ex.response_block
         flight.upstream_url = target.url
         flight.status = await tunnel(
             request,
@@ -489,6 +505,7 @@ class RequestPath:
             headers=headers,
             raw_fields=raw_fields,
             response_headers=response_headers,
+            response_block=response_block,
             timeout=cluster.request_timeout,
         )
 
@@ -647,8 +664,8 @@ _DROPS: dict[tuple[str, ...], frozenset[bytes]] = {}
 
 
 def _response_drop(own: list[tuple[str, str]]) -> frozenset[bytes]:
-    """The upstream response fields not relayed when the gateway writes ``own``: a route's
-    requests add the same few names, so the set is built once per set of names."""
+    """The upstream response fields not relayed when a policy writes the text fields ``own``:
+    a route's requests add the same few names, so the set is built once per set of names."""
     names = tuple([n for n, _ in own])
     drop = _DROPS.get(names)
     if drop is None:

@@ -120,6 +120,7 @@ async def tunnel(
     headers: list[tuple[str, str]],
     raw_fields: bytes,
     response_headers: list[tuple[str, str]],
+    response_block: bytes = b"",
     timeout: float,  # noqa: ASYNC109 - the upstream's request timeout, for connect + answer
 ) -> int:
     """Carry an upgrade request to ``target`` and, on 101, relay bytes until either side closes.
@@ -155,7 +156,7 @@ async def tunnel(
             side.close()
         log.info("upgrade to %s failed: %s", target.url, exc)
         raise Problem(502, "upstream-unavailable", "the upstream refused the upgrade") from None
-    extra = encode_fields(response_headers)
+    extra = encode_fields(response_headers) + response_block
     if side.status != 101:
         # Refused by the upstream (403, 426, ...): relayed as it is, then the connection closes.
         fields = [

@@ -17,6 +17,10 @@ class Policy(Protocol):
     ``check`` either returns (the request may go on; it may have added headers to
     ``exchange.response_headers`` / ``exchange.upstream_headers``) or raises
     :class:`cityplane.problem.Problem`, which becomes the client's answer.
+
+    A policy that writes wire-form fields to ``exchange.response_block`` names them in a class
+    attribute ``response_fields`` (a tuple of field names): the upstream's fields of those
+    names are then not relayed.
     """
 
     name: ClassVar[str]

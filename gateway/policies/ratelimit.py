@@ -86,6 +86,7 @@ class RateLimitPolicy:
     """The ``rateLimit`` block of one route, compiled once when the routing table is built."""
 
     name: ClassVar[str] = "rate-limit"
+    response_fields: ClassVar[tuple[str, ...]] = ("RateLimit-Policy", "RateLimit")
 
     __slots__ = (
         "_header",
@@ -94,6 +95,7 @@ class RateLimitPolicy:
         "_ip_prefix",
         "_key",
         "_limit",
+        "_lines",
         "_local",
         "_mode",
         "_policy_header",
@@ -121,6 +123,9 @@ class RateLimitPolicy:
             "RateLimit-Policy",
             f'"{POLICY_NAME}";q={spec.requests};w={max(1, math.ceil(spec.window))}',
         )
+        # An allowed request's two fields on the wire, r and t to fill in (one bytes format).
+        policy_line = f"{self._policy_header[0]}: {self._policy_header[1]}\r\n"
+        self._lines = (policy_line + f'RateLimit: "{POLICY_NAME}";r=%d;t=%d\r\n').encode()
         self._rejected = metrics.RATELIMIT_REJECTED.labels(route=route_id)
         self._store_errors = metrics.RATELIMIT_STORE_ERRORS.labels(
             route=route_id, mode=spec.onStoreError
@@ -216,7 +221,7 @@ class RateLimitPolicy:
         metrics.RATELIMIT_DEGRADED.set(1)
         _store_warning(self._route_id, self._mode, error)
         if self._mode == "open":
-            exchange.response_headers.append(self._policy_header)
+            exchange.response_block += self._lines.partition(b"\r\n")[0] + b"\r\n"
             return None
         if self._mode == "closed":
             raise Problem(
@@ -233,11 +238,10 @@ class RateLimitPolicy:
         # Retry-After and t agree: draft-ietf-httpapi-ratelimit-headers-11 §6 says Retry-After
         # SHOULD NOT point earlier than the end of the effective window.
         seconds = max(1, math.ceil(decision.reset_after))
-        state = ("RateLimit", f'"{POLICY_NAME}";r={decision.remaining};t={seconds}')
-        exchange.response_headers.append(self._policy_header)
-        exchange.response_headers.append(state)
         if decision.allowed:
+            exchange.response_block += self._lines % (decision.remaining, seconds)
             return
+        state = ("RateLimit", f'"{POLICY_NAME}";r={decision.remaining};t={seconds}')
         self._rejected.inc()
         raise Problem(
             429,

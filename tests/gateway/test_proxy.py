@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 from aiohttp import ClientSession
 
@@ -569,3 +570,57 @@ async def test_rejections_are_counted_by_route_and_reason(upstreams, gateway_fac
     async with http.get(gw.url + "/nowhere") as resp:
         assert resp.status == 404
     assert await counted() == before + 1
+
+
+async def test_the_gateways_ratelimit_fields_replace_the_upstreams(gateway_factory, http):
+    # The upstream sends its own RateLimit fields and an X-Request-Id: the client gets the
+    # gateway's, once each (they describe the gateway's limit), and the upstream's other fields.
+    from aiohttp import web
+
+    async def answer(_: web.Request) -> web.Response:
+        return web.Response(
+            text="ok",
+            headers={
+                "RateLimit": '"upstream";r=99;t=5',
+                "RateLimit-Policy": '"upstream";q=100;w=5',
+                "X-Request-Id": "from-upstream",
+                "X-Kept": "yes",
+            },
+        )
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        route = bus_route(rateLimit={"requests": 5, "window": "10s", "key": "ip"})
+        gw = await gateway_factory([service("svc", [f"http://127.0.0.1:{port}"], [route])])
+        for left in (4, 3):
+            async with http.get(gw.url + "/bus/x", headers={"X-Request-Id": "r-1"}) as resp:
+                assert resp.status == 200
+                [state] = resp.headers.getall("RateLimit")  # t: what is left of the window
+                assert re.fullmatch(f'"default";r={left};t=([1-9]|10)', state)
+                assert resp.headers.getall("RateLimit-Policy") == ['"default";q=5;w=10']
+                assert resp.headers.getall("X-Request-Id") == ["r-1"]
+                assert resp.headers["X-Kept"] == "yes"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_503_after_the_rate_limit_allowed_carries_its_fields(gateway_factory, http):
+    # Nothing listens on the target: the breaker opens after one failure, and its 503 still
+    # tells the client where it stands with the limit (the 502 before it does not).
+    route = bus_route(rateLimit={"requests": 5, "window": "10s", "key": "ip"})
+    upstream = {"circuitBreaker": {"failureThreshold": 1}, "retries": {"attempts": 0}}
+    gw = await gateway_factory([service("svc", ["http://127.0.0.1:9"], [route], upstream=upstream)])
+    async with http.get(gw.url + "/bus/x") as resp:
+        assert resp.status == 502
+    async with http.get(gw.url + "/bus/x") as resp:
+        assert resp.status == 503
+        assert resp.content_type == "application/problem+json"
+        [state] = resp.headers.getall("RateLimit")
+        assert re.fullmatch('"default";r=3;t=([1-9]|10)', state)
+        assert resp.headers.getall("RateLimit-Policy") == ['"default";q=5;w=10']

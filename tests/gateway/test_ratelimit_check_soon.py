@@ -66,7 +66,7 @@ async def test_check_soon_gives_the_decisions_and_headers_of_check(
         assert (got_soon is None) == (got_check is None)
         if got_soon is not None and got_check is not None:
             assert (got_soon.status, got_soon.headers) == (got_check.status, got_check.headers)
-        assert a.response_headers == b.response_headers
+        assert (a.response_headers, a.response_block) == (b.response_headers, b.response_block)
 
 
 async def test_the_in_process_store_has_no_callback_form() -> None:
