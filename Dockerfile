@@ -8,6 +8,11 @@ ARG PYTHON_IMAGE=python:3.11-slim
 # --- build: wheels for CityPlane and every dependency, pinned by constraints.txt -------------
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# A C compiler for the compiled gateway modules (ADR 15); the image's Python has its headers.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && test -f "$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h"
 WORKDIR /src
 # Dependencies first, in their own layer: it is rebuilt only when the pins change.
 COPY pyproject.toml constraints.txt README.md ./
@@ -16,14 +21,29 @@ import tomllib
 print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))
 PY
 RUN pip wheel --wheel-dir /wheels -c constraints.txt -r /tmp/requirements.txt
+# Cython and setuptools for the build only: in a directory of their own, not in the virtualenv
+# that ships.
+RUN python - <<'PY' > /tmp/speedups.txt
+import tomllib
+print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["speedups"]))
+PY
+RUN pip install --target /opt/speedups-build -c constraints.txt -r /tmp/speedups.txt
 COPY cityplane/ cityplane/
 COPY gateway/ gateway/
 COPY identity/ identity/
 COPY registry/ registry/
 COPY operators/ operators/
-RUN pip wheel --no-deps --wheel-dir /wheels . \
+# The compiled gateway modules are built into the installed package (site-packages/gateway/
+# _compiled/<ABI tag>/), by the runtime stage's interpreter (same image, same ABI). From /, so
+# that Python imports the installed gateway package, not /src's; a build copied in with the
+# sources (a developer's gateway/_compiled) is never used.
+RUN rm -rf gateway/_compiled \
+ && pip wheel --no-deps --wheel-dir /wheels . \
  && python -m venv /opt/cityplane \
  && /opt/cityplane/bin/pip install --no-index --find-links /wheels cityplane \
+ && cd / \
+ && PYTHONPATH=/opt/speedups-build /opt/cityplane/bin/python -m gateway.speedups build \
+ && /opt/cityplane/bin/python -c "import gateway.speedups as s; assert s.compiled(), s.status()" \
  && /opt/cityplane/bin/pip uninstall -y pip
 
 # --- runtime: the interpreter, the virtualenv, a non-root user; no compilers, no pip --------

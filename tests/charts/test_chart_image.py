@@ -53,6 +53,8 @@ def _data_files() -> list[Path]:
                 path.is_file()
                 and path.suffix not in (".py", ".pyc")
                 and "__pycache__" not in path.parts
+                # Build output, like __pycache__: the image compiles its own (gateway/speedups.py).
+                and "_compiled" not in path.parts
             ):
                 files.append(path)
     return files

@@ -1,0 +1,255 @@
+"""The compiled gateway modules (gateway/speedups.py): used only when every one matches its source.
+
+The loader's rules are judged on a small package tree of its own (`pkg`, `pkg.sub`) with
+stand-in binaries and a manifest as the build writes them; the build itself on that tree with
+two tiny modules (a couple of seconds); the real gateway in a subprocess, so that CI (CI=true,
+after `make build`) cannot pass while testing the Python sources only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.speedups import (
+    DIRECTIVES,
+    DISABLE,
+    GATEWAY,
+    MODULES,
+    BuildError,
+    CompiledTree,
+    Verdict,
+)
+
+SOURCES = {
+    "pkg.a": "def answer():\n    return 42\n",
+    "pkg.sub.b": "from pkg.a import answer\n\n\ndef twice():\n    return 2 * answer()\n",
+}
+STALE = (
+    "cityplane: compiled gateway modules are out of date ({}); running the Python sources; "
+    "rebuild with: make build\n"
+)
+HAS_CYTHON = importlib.util.find_spec("Cython") is not None
+
+
+@pytest.fixture(autouse=True)
+def _extensions_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(DISABLE, raising=False)
+
+
+def _sources(base: Path) -> CompiledTree:
+    for package in ("pkg", "pkg/sub"):
+        (base / package).mkdir(parents=True, exist_ok=True)
+        (base / package / "__init__.py").write_text("")
+    tree = CompiledTree(base, list(SOURCES))
+    for module, text in SOURCES.items():
+        tree.source(module).write_text(text)
+    return tree
+
+
+def _built(base: Path, cython: str = "3.3.1") -> CompiledTree:
+    """The tree as build() leaves it, with empty stand-ins for the binaries."""
+    tree = _sources(base)
+    for module in SOURCES:
+        tree.binary(module).parent.mkdir(parents=True, exist_ok=True)
+        tree.binary(module).write_bytes(b"")
+    hashes = {m: hashlib.sha256(tree.source(m).read_bytes()).hexdigest() for m in SOURCES}
+    manifest = {"cython": cython, "directives": DIRECTIVES, "modules": hashes}
+    tree.manifest_path.write_text(json.dumps(manifest))
+    return CompiledTree(base, list(SOURCES))  # a new process, as it were: nothing judged yet
+
+
+def _paths(tree: CompiledTree) -> tuple[list[str], list[str]]:
+    top, sub = ["/src/pkg"], ["/src/pkg/sub"]
+    tree.activate("pkg", top)
+    tree.activate("pkg.sub", sub)
+    return top, sub
+
+
+def test_fresh_build_goes_first_on_each_package_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = _built(tmp_path)
+    top, sub = _paths(tree)
+    assert top == [str(tree.root / "pkg"), "/src/pkg"]
+    assert sub == [str(tree.root / "pkg" / "sub"), "/src/pkg/sub"]
+    assert tree.verdict == Verdict(True, "Cython 3.3.1")
+    assert capsys.readouterr().err == ""
+
+
+def test_changed_source_runs_the_python_sources_and_says_so_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = _built(tmp_path)
+    tree.source("pkg.a").write_text(SOURCES["pkg.a"] + "\n")
+    assert _paths(tree) == (["/src/pkg"], ["/src/pkg/sub"])
+    assert capsys.readouterr().err == STALE.format("pkg/a.py changed")
+
+
+def test_one_changed_module_keeps_every_compiled_module_out(tmp_path: Path) -> None:
+    tree = _built(tmp_path)
+    tree.source("pkg.sub.b").write_text(SOURCES["pkg.sub.b"] + "# edited\n")
+    top, _ = _paths(tree)
+    assert top == ["/src/pkg"]  # pkg.a is fresh, but it would run beside a stale pkg.sub.b
+    assert tree.verdict == Verdict(False, "out of date: pkg/sub/b.py changed")
+
+
+def test_missing_compiled_module_counts_as_out_of_date(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = _built(tmp_path)
+    tree.binary("pkg.a").unlink()
+    assert _paths(tree) == (["/src/pkg"], ["/src/pkg/sub"])
+    assert capsys.readouterr().err == STALE.format("pkg/a.py not built")
+
+
+def test_module_dropped_from_the_list_keeps_the_old_build_out(tmp_path: Path) -> None:
+    _built(tmp_path)
+    tree = CompiledTree(tmp_path, ["pkg.a"])  # pkg.sub.b's binary would still be imported
+    assert tree.verdict == Verdict(False, "out of date: the list of compiled modules changed")
+
+
+def test_no_extensions_variable_runs_the_python_sources_silently(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv(DISABLE, "1")
+    tree = _built(tmp_path)
+    assert _paths(tree) == (["/src/pkg"], ["/src/pkg/sub"])
+    assert tree.verdict == Verdict(False, "CITYPLANE_NO_EXTENSIONS=1")
+    assert capsys.readouterr().err == ""
+
+
+def test_without_a_manifest_the_python_sources_run_silently(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = _built(tmp_path)
+    tree.manifest_path.unlink()  # as after a build that failed half-way
+    assert _paths(tree) == (["/src/pkg"], ["/src/pkg/sub"])
+    assert tree.verdict == Verdict(False, "")
+    assert capsys.readouterr().err == ""
+
+
+def test_unreadable_manifest_runs_the_python_sources_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tree = _built(tmp_path)
+    tree.manifest_path.write_text("{not json")
+    assert _paths(tree) == (["/src/pkg"], ["/src/pkg/sub"])
+    assert capsys.readouterr().err == STALE.format("manifest.json unreadable")
+
+
+@pytest.mark.skipif(not HAS_CYTHON, reason="Cython is not installed")
+def test_build_is_skipped_while_the_manifest_matches_every_source(tmp_path: Path) -> None:
+    from Cython.Shadow import __version__ as cython
+
+    tree = _built(tmp_path, cython=cython)
+    assert tree.out_of_date(tree.manifest()) == []
+    expected = f"gateway modules: compiled with Cython {cython}, up to date with the sources"
+    assert tree.build(jobs=1) == expected
+    tree.source("pkg.sub.b").write_text(SOURCES["pkg.sub.b"] + "\n")
+    assert tree.out_of_date(tree.manifest()) == ["pkg.sub.b"]
+    # Another Cython (or other directives) built the rest: build() rebuilds them all.
+    assert tree.out_of_date(None) == ["pkg.a", "pkg.sub.b"]
+
+
+def _import_from_tree(base: Path) -> list[str]:
+    """In a fresh interpreter: activate the tree, import both modules, call them."""
+    program = (
+        "import sys; from pathlib import Path\n"
+        f"sys.path.insert(0, {str(base)!r})\n"
+        "import pkg, pkg.sub\n"
+        "from gateway.speedups import CompiledTree\n"
+        f"tree = CompiledTree(Path({str(base)!r}), {list(SOURCES)!r})\n"
+        "tree.activate('pkg', pkg.__path__); tree.activate('pkg.sub', pkg.sub.__path__)\n"
+        "import pkg.a, pkg.sub.b\n"
+        "print(pkg.a.__file__, pkg.sub.b.__file__, pkg.sub.b.twice())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=GATEWAY.base,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return done.stdout.split()
+
+
+@pytest.mark.skipif(not HAS_CYTHON, reason="Cython is not installed")
+def test_build_compiles_what_changed_and_the_loader_imports_it(tmp_path: Path) -> None:
+    tree = _sources(tmp_path)
+    assert " compiled 2 of 2 " in tree.build(jobs=2)
+    assert _import_from_tree(tmp_path) == [
+        str(tree.binary("pkg.a")),
+        str(tree.binary("pkg.sub.b")),
+        "84",
+    ]
+    tree.source("pkg.a").write_text("def answer():\n    return 21\n")
+    assert " compiled 1 of 2 " in CompiledTree(tmp_path, list(SOURCES)).build(jobs=2)
+    assert _import_from_tree(tmp_path)[2] == "42"
+    beside_sources = [
+        p for p in tmp_path.rglob("*") if p.suffix in (".c", ".so") and "_compiled" not in p.parts
+    ]
+    assert beside_sources == []
+
+
+@pytest.mark.skipif(not HAS_CYTHON, reason="Cython is not installed")
+def test_module_cython_rejects_is_one_build_error_without_a_traceback(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    tree = _sources(tmp_path)
+    tree.source("pkg.a").write_text("def answer(:\n    return 42\n")
+    with pytest.raises(BuildError, match=r"^Cython rejected pkg\.a \(its error is above\)$"):
+        tree.build(jobs=2)
+    err = capfd.readouterr().err
+    assert f"{tree.source('pkg.a')}:1:" in err  # Cython's own message, with file and line
+    assert "Traceback" not in err
+    assert not tree.manifest_path.exists()
+
+
+def _gateway_module_files(**env: str) -> subprocess.CompletedProcess[str]:
+    program = (
+        "import importlib\n"
+        "from gateway.speedups import MODULES\n"
+        "for name in MODULES:\n"
+        "    print(importlib.import_module(name).__file__)\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if k != DISABLE} | env
+    return subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=GATEWAY.base,
+        env=environ,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+
+
+def test_no_extensions_variable_imports_the_gateway_from_its_python_sources() -> None:
+    done = _gateway_module_files(CITYPLANE_NO_EXTENSIONS="1")
+    assert done.stdout.split() == [str(GATEWAY.source(m)) for m in MODULES]
+    assert done.stderr == ""
+
+
+def test_gateway_imports_its_compiled_modules_once_built() -> None:
+    built = CompiledTree(GATEWAY.base, MODULES).verdict.compiled
+    if not built and not os.environ.get("CI"):
+        pytest.skip("the compiled gateway modules are not built or out of date (make build)")
+    done = _gateway_module_files()
+    assert done.stdout.split() == [str(GATEWAY.binary(m)) for m in MODULES], done.stderr
+    assert done.stderr == ""
+
+
+def test_compiled_modules_do_not_look_for_files_next_to_themselves() -> None:
+    # A compiled module's __file__ is its binary in gateway/_compiled/<tag>/, not the source's
+    # directory: a path built from it would point at nothing.
+    users = [m for m in MODULES if "__file__" in GATEWAY.source(m).read_text(encoding="utf-8")]
+    assert users == []
