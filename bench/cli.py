@@ -7,6 +7,7 @@ and a non-zero exit, never a traceback; every process started is stopped on the 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import tempfile
@@ -52,6 +53,7 @@ from bench.tools import (
     timestamp,
 )
 from bench.wrk import Load, write_scripts
+from gateway.speedups import DISABLE as NO_EXTENSIONS
 
 RESULTS = REPO / "bench" / "results"
 PACED_CONFIGURATIONS = (DIRECT, NGINX_LIMIT_REQ, GATEWAY_RATELIMIT)
@@ -222,9 +224,15 @@ def run(args: argparse.Namespace) -> int:
         profiled = GATEWAY_FULL if GATEWAY_FULL in selected else GATEWAY_RATELIMIT
         if profile and profiled in selected:
             port = free_port()
-            gateway = BY_NAME[profiled].start(env, port)
+            # py-spy sees Python frames only: the profiled gateway runs the Python sources of
+            # the modules the others run compiled (ADR 15), so its shares are of those.
+            os.environ[NO_EXTENSIONS] = "1"
+            try:
+                gateway = BY_NAME[profiled].start(env, port)
+            finally:
+                del os.environ[NO_EXTENSIONS]
             assert gateway is not None
-            print(f"\nprofiling {profiled} with py-spy ...", flush=True)
+            print(f"\nprofiling {profiled} with py-spy (Python sources) ...", flush=True)
             load = Load(plan.connections, plan.duration)
             load = replace(load, headers=tuple(BY_NAME[profiled].request_headers(env).items()))
             try:
@@ -278,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
         print_routes(routes)
     path = write_results(result, args.results)
     print(f"\nresults: {path} (and latest.json); commit {result['commit']}")
+    print(f"gateway modules: {result['gateway_modules']}")
     print(f"total runtime: {result['runtime_s']:.0f} s")
     errors = sum(m.wrk.non_2xx + m.wrk.socket_errors for m in measurements)
     if errors:

@@ -78,7 +78,15 @@ def git_state() -> dict[str, Any]:
         "commit": _output(["git", "rev-parse", "--short", "HEAD"]) or "unknown",
         # Uncommitted changes to the code under test make the commit an approximation.
         "dirty_files": [line[3:] for line in changed.splitlines() if len(line) > 3],
+        # Compiled (ADR 15) or the Python sources: what the gateway processes under test load.
+        "gateway_modules": _gateway_modules(),
     }
+
+
+def _gateway_modules() -> str:
+    from gateway.speedups import status
+
+    return status()
 
 
 def machine() -> dict[str, Any]:
