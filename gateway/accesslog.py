@@ -19,6 +19,17 @@ log = logging.getLogger("cityplane.gateway")
 
 
 class AccessLog:
+    __slots__ = (
+        "_buffer",
+        "_interval",
+        "_max",
+        "_sink",
+        "_soft_max",
+        "_task",
+        "_wake",
+        "dropped",
+    )
+
     def __init__(
         self,
         sink: IO[str] | None = None,

@@ -302,6 +302,46 @@ class InlineState(Protocol):
 class ClientConnection(asyncio.Protocol):
     """One client connection: parser, request queue, response writer, clocks."""
 
+    __slots__ = (
+        "_busy",
+        "_chunked_out",
+        "_close_held",
+        "_drain_waiter",
+        "_head_sent",
+        "_head_size",
+        "_head_started",
+        "_held",
+        "_idle_since",
+        "_in_body",
+        "_in_head",
+        "_keep_after",
+        "_next",
+        "_outbox",
+        "_parser",
+        "_queue",
+        "_reading_paused",
+        "_refusal",
+        "_req",
+        "_runner_turn",
+        "_stop_parsing",
+        "_task",
+        "_timer",
+        "_timer_at",
+        "_tunnel",
+        "_tunnel_pending",
+        "_url",
+        "_url_size",
+        "_writing_paused",
+        "closed",
+        "limits",
+        "loop",
+        "on_lost",
+        "peer",
+        "server",
+        "transport",
+        "tunnel_peer",
+    )
+
     def __init__(self, server: FrontServer) -> None:
         self.server = server
         self.loop = server.loop

@@ -111,6 +111,16 @@ class TokenVerifier:
     The checks are :class:`cityplane.jwks.AccessTokenDecoder`'s; verified tokens are cached.
     """
 
+    __slots__ = (
+        "_cache_size",
+        "_clock",
+        "_decoder",
+        "_verified",
+        "audience",
+        "issuer",
+        "keys",
+    )
+
     def __init__(
         self,
         issuer: str,

@@ -119,6 +119,18 @@ class Flight:
 class RequestPath:
     """Handles one proxied request from routing to the last byte of the response."""
 
+    __slots__ = (
+        "_loop",
+        "_metrics",
+        "access_log",
+        "in_flight",
+        "inline",
+        "limits",
+        "table",
+        "tracing",
+        "trusted",
+    )
+
     def __init__(
         self,
         *,

@@ -34,6 +34,12 @@ def continue_trace(incoming: str | None) -> tuple[str, str]:
 class Tracing:
     """Owns the OpenTelemetry tracer when spans are exported; a no-op otherwise."""
 
+    __slots__ = (
+        "_provider",
+        "_tracer",
+        "enabled",
+    )
+
     def __init__(self, otlp_endpoint: str | None = None, *, provider: Any = None) -> None:
         self.enabled = bool(otlp_endpoint or provider)
         self._tracer: Any = None

@@ -179,6 +179,27 @@ class RedisStore:
     retries anyway, and bounds every call, so the client needs no socket timeouts of its own.
     """
 
+    __slots__ = (
+        "_background",
+        "_backoff",
+        "_batch",
+        "_conn",
+        "_flusher",
+        "_heartbeat",
+        "_heartbeat_interval",
+        "_max_backoff",
+        "_member_ttl_us",
+        "_members_key",
+        "_owns_client",
+        "_prefix",
+        "_probe",
+        "_redis",
+        "_timeout",
+        "degraded",
+        "replica_id",
+        "replicas",
+    )
+
     def __init__(
         self,
         redis: Redis,

@@ -100,6 +100,17 @@ class LocalStore:
     steps cannot reopen a window).
     """
 
+    __slots__ = (
+        "_clock",
+        "_counters",
+        "_max_keys",
+        "_min_sweep_size",
+        "_next_sweep_us",
+        "_pending",
+        "_sweep_interval_us",
+        "_sweep_size",
+    )
+
     replicas = 1
 
     def __init__(

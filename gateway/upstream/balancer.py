@@ -82,6 +82,14 @@ class RoundRobin:
     the shares of the remaining targets proportional to their weights.
     """
 
+    __slots__ = (
+        "_current",
+        "_next",
+        "_schedule",
+        "_weights",
+        "targets",
+    )
+
     def __init__(self, targets: Sequence[TargetState]) -> None:
         self.targets = list(targets)
         self._weights = _reduced_weights(self.targets)
@@ -158,6 +166,16 @@ class LeastRequest:
     drawing the same target twice, so those services scan instead, starting the scan one target
     further each time so that ties alternate.
     """
+
+    __slots__ = (
+        "_cumulative",
+        "_drawable",
+        "_rand",
+        "_rotation",
+        "_scan_only",
+        "_total",
+        "targets",
+    )
 
     def __init__(
         self, targets: Sequence[TargetState], rand: Callable[[], float] = random.random
@@ -261,6 +279,13 @@ class ConsistentHash:
 
     Without a key (``hash_key=None``) a pick starts from a random point, i.e. random by weight.
     """
+
+    __slots__ = (
+        "_owners",
+        "_points",
+        "_rand",
+        "targets",
+    )
 
     def __init__(
         self,

@@ -177,6 +177,21 @@ class BreakerPermit:
 class UpstreamBreaker:
     """One service upstream's breaker, built when the routing table is compiled."""
 
+    __slots__ = (
+        "_applying_shared",
+        "_cb",
+        "_gauge",
+        "_generation",
+        "_shared",
+        "_shared_dirty",
+        "_shared_version",
+        "_storage",
+        "_trial",
+        "reset_timeout",
+        "service",
+        "spec",
+    )
+
     def __init__(
         self, service: str, spec: CircuitBreaker, shared: SharedBreakerState | None = None
     ) -> None:

@@ -170,6 +170,22 @@ class HostPool:
     concurrency (circuit breaker, least-request balancing on ``in_flight``).
     """
 
+    __slots__ = (
+        "_closed",
+        "_connect_timeout",
+        "_idle",
+        "_idle_ttl",
+        "_loop",
+        "_max_idle",
+        "_server_hostname",
+        "_ssl",
+        "_sweep",
+        "host",
+        "in_flight",
+        "port",
+        "scheme",
+    )
+
     def __init__(
         self,
         scheme: str,

@@ -40,6 +40,27 @@ RETRYABLE_STATUS = frozenset({502, 503, 504})
 
 
 class UpstreamCluster:
+    __slots__ = (
+        "_budget_ratio",
+        "_errors",
+        "_hash_key",
+        "_meta",
+        "_min_retry",
+        "_pools",
+        "_retries",
+        "active",
+        "active_requests",
+        "active_retries",
+        "balancer",
+        "breaker",
+        "passive",
+        "request_timeout",
+        "retry_attempts",
+        "service",
+        "spec",
+        "targets",
+    )
+
     def __init__(
         self,
         service: str,

@@ -78,6 +78,13 @@ class PassiveHealth:
     every target ever reported to :meth:`record`.
     """
 
+    __slots__ = (
+        "_ejection_time",
+        "_peers",
+        "_threshold",
+        "service",
+    )
+
     def __init__(
         self,
         service: str,

@@ -168,6 +168,53 @@ class UpstreamResponse:
 class Http1Connection(asyncio.Protocol):
     """One keep-alive connection to an upstream; used by one request at a time."""
 
+    __slots__ = (
+        "_body_started",
+        "_body_waiter",
+        "_buffered",
+        "_cancel_pending",
+        "_chunked",
+        "_chunks",
+        "_conn_tokens",
+        "_content_length",
+        "_crlf_tail",
+        "_deadline",
+        "_drain_waiter",
+        "_exc",
+        "_field_bytes",
+        "_head_bytes",
+        "_head_waiter",
+        "_headers",
+        "_held",
+        "_is_head",
+        "_loop",
+        "_lost",
+        "_on_ready",
+        "_owner",
+        "_parser",
+        "_phase",
+        "_read_paused",
+        "_reason",
+        "_request_sent",
+        "_response",
+        "_response_started",
+        "_reusable",
+        "_sending_task",
+        "_timeout",
+        "_timer",
+        "_timer_at",
+        "_transport",
+        "_until_eof",
+        "_upload",
+        "_wait_since",
+        "_write_failed",
+        "_write_paused",
+        "_writing",
+        "idle_since",
+        "in_pool",
+        "reused",
+    )
+
     def __init__(self, owner: ConnectionOwner, loop: asyncio.AbstractEventLoop) -> None:
         self._owner = owner
         self._loop = loop
