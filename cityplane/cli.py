@@ -359,13 +359,6 @@ def _check_config(settings: Any) -> None:
         raise CliError(f"invalid config: {exc}", EXIT_CONFIG) from None
 
 
-def _log_gateway_modules() -> None:
-    """After the config check, so that a bad config is still one line on stderr."""
-    from gateway.speedups import status
-
-    logging.getLogger("cityplane.gateway").info("gateway modules: %s", status())
-
-
 def _run_gateway(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers > 0 else (os.cpu_count() or 1)
     if workers > 1:
@@ -377,11 +370,9 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
         settings = _gateway_settings(args)
         _check_config(settings)
-        _log_gateway_modules()
         return run_workers(settings, workers)
     settings = _gateway_settings(args)
     _check_config(settings)
-    _log_gateway_modules()
     from gateway.runtime import serve
 
     _use_uvloop()

@@ -33,6 +33,7 @@ from gateway.registry_source import RegistrySource
 from gateway.routing import RoutingTable
 from gateway.server import RequestPath
 from gateway.sources import ConfigSource, FileSource
+from gateway.speedups import status as modules_status
 from gateway.status import status_app
 from gateway.tracing import Tracing
 from gateway.upstream.breaker import SharedBreakerState
@@ -188,11 +189,12 @@ class Gateway:
         self.ready = self.source.ready
         self.heap.freeze()  # everything so far lives as long as the process (gateway/heap.py)
         log.info(
-            "gateway listening on %s:%d (status %s), %d routes",
+            "gateway listening on %s:%d (status %s), %d routes; modules: %s",
             s.host,
             self.port,
             self.status_port,
             len(result.table),
+            modules_status(),  # compiled (ADR 15) or the Python sources, and why
         )
 
     async def stop(self) -> None:
