@@ -506,7 +506,6 @@ class RequestPath:
         base, host = cluster.address(target)
         raw_fields, headers = self._upstream_fields(flight)
         response_headers = [("X-Request-Id", ex.request_id), *ex.response_headers]
-        response_block = ex.response_block
         flight.upstream_url = target.url
         flight.status = await tunnel(
             request,
@@ -517,7 +516,7 @@ class RequestPath:
             headers=headers,
             raw_fields=raw_fields,
             response_headers=response_headers,
-            response_block=response_block,
+            response_block=ex.response_block,
             timeout=cluster.request_timeout,
         )
 

@@ -99,6 +99,7 @@ class RateLimitPolicy:
         "_local",
         "_mode",
         "_policy_header",
+        "_policy_line",
         "_rejected",
         "_route_id",
         "_store",
@@ -123,9 +124,10 @@ class RateLimitPolicy:
             "RateLimit-Policy",
             f'"{POLICY_NAME}";q={spec.requests};w={max(1, math.ceil(spec.window))}',
         )
-        # An allowed request's two fields on the wire, r and t to fill in (one bytes format).
-        policy_line = f"{self._policy_header[0]}: {self._policy_header[1]}\r\n"
-        self._lines = (policy_line + f'RateLimit: "{POLICY_NAME}";r=%d;t=%d\r\n').encode()
+        # The fields on the wire: the policy alone (store down, "open"), and an allowed
+        # request's two, r and t to fill in (one bytes format).
+        self._policy_line = f"{self._policy_header[0]}: {self._policy_header[1]}\r\n".encode()
+        self._lines = self._policy_line + f'RateLimit: "{POLICY_NAME}";r=%d;t=%d\r\n'.encode()
         self._rejected = metrics.RATELIMIT_REJECTED.labels(route=route_id)
         self._store_errors = metrics.RATELIMIT_STORE_ERRORS.labels(
             route=route_id, mode=spec.onStoreError
@@ -221,7 +223,7 @@ class RateLimitPolicy:
         metrics.RATELIMIT_DEGRADED.set(1)
         _store_warning(self._route_id, self._mode, error)
         if self._mode == "open":
-            exchange.response_block += self._lines.partition(b"\r\n")[0] + b"\r\n"
+            exchange.response_block += self._policy_line
             return None
         if self._mode == "closed":
             raise Problem(
