@@ -256,9 +256,19 @@ def reset_connection(client: RawClient) -> None:
     client.writer.transport.abort()
 
 
-def access_lines(gw: RunningGateway, log_file: Path) -> list[dict[str, Any]]:
-    gw.gateway.access_log.flush()
-    return [json.loads(line) for line in log_file.read_text().splitlines() if line]
+async def access_lines(gw: RunningGateway, log_file: Path, *paths: str) -> dict[str, Any]:
+    """The access log's lines by path, once it holds every one of ``paths`` (2 s at most).
+    ``flush()`` writes what is buffered, but the log's own flusher may have taken a batch a
+    moment before and still be writing it on its thread."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        gw.gateway.access_log.flush()
+        text = await asyncio.to_thread(log_file.read_text)
+        whole = text.rpartition("\n")[0]  # a line being written is left out
+        lines = {entry["path"]: entry for entry in map(json.loads, whole.splitlines())}
+        if all(path in lines for path in paths) or time.monotonic() > deadline:
+            return lines
+        await asyncio.sleep(0.02)
 
 
 def get(path: str) -> bytes:
@@ -498,7 +508,7 @@ async def test_client_leaving_mid_exchange_closes_the_upstream_and_logs_499(
     reset_connection(client)
     await asyncio.wait_for(ended.wait(), 1.5)  # the gateway closed the upstream connection
     await settled(gw)
-    lines = {line["path"]: line for line in access_lines(gw, log_file)}
+    lines = await access_lines(gw, log_file, "/hold", "/warm")
     assert lines["/hold"]["status"] == 499
     assert lines["/warm"]["status"] == 200
     if gateway_driver == "inline":
@@ -623,7 +633,7 @@ async def test_small_body_the_upstream_fails_to_finish_is_answered_502_or_504(
     async with await RawClient.open(gw.gateway.port) as client:
         assert (await client.exchange(get("/warm"))).status == 200
         resp = await client.exchange(get("/cut"))
-    lines = {line["path"]: line for line in access_lines(gw, log_file)}
+    lines = await access_lines(gw, log_file, "/cut")
     assert lines["/cut"]["status"] == resp.status  # what the client got
     expected = (502, "upstream-unavailable") if failure == "closed" else (504, "upstream-timeout")
     assert (resp.status, resp.problem_type()) == expected
@@ -654,7 +664,7 @@ async def test_large_body_the_upstream_cuts_short_ends_the_client_connection(
     assert head.startswith(b"HTTP/1.1 200 ")
     assert b"Content-Length: 200000" in head
     assert 0 < len(body) < 200_000
-    lines = {line["path"]: line for line in access_lines(gw, log_file)}
+    lines = await access_lines(gw, log_file, "/cut")
     assert lines["/cut"]["status"] == 502
     assert "unhandled error" not in caplog.text
 
@@ -927,7 +937,7 @@ async def test_a_bug_is_answered_500_and_the_gateway_keeps_serving(
         assert await client.closed()
     assert "unhandled error handling GET /boom" in caplog.text
     await settled(gw)
-    lines = {line["path"]: line for line in access_lines(gw, log_file)}
+    lines = await access_lines(gw, log_file, "/boom")
     assert lines["/boom"]["status"] == 500
     async with await RawClient.open(gw.gateway.port) as client:
         resp = await client.exchange(get("/ok"))
