@@ -53,6 +53,7 @@ class GatewaySettings:
     status_host: str | None = None  # defaults to `host`
     status_port: int | None = 8081  # None: no status listener (a worker under a supervisor)
     redis_url: str | None = None
+    redis_timeout: float = 0.25  # a rate-limit decision's wait for Redis (then onStoreError)
     registry_url: str | None = None  # follow a registry instead of files
     registry_token: str | None = None
     state_dir: Path = field(default_factory=lambda: Path(".cityplane/gateway"))
@@ -113,9 +114,10 @@ class Gateway:
             from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
 
-            # No retries and a short deadline: Redis sits on the request path of rate-limited
-            # routes; 0.25 s leaves room for event-loop lag under full load (0.1 s tripped).
-            self._rl_store = RedisStore.from_url(s.redis_url, timeout=0.25)
+            # No retries and a short deadline (--redis-timeout): Redis sits on the request path
+            # of rate-limited routes; the default 0.25 s leaves room for event-loop lag under
+            # full load (0.1 s tripped).
+            self._rl_store = RedisStore.from_url(s.redis_url, timeout=s.redis_timeout)
             await self._rl_store.start()
             store = self._rl_store
             # Off the request path, but no retries either: a dead Redis is noticed at once.

@@ -11,6 +11,7 @@ import each other, so one changed source means none of them is used, and stderr 
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.machinery
 import json
@@ -55,6 +56,8 @@ MODULES = (
 # The directives the gain was measured with: the sources compile as they are, and annotations
 # stay hints (typed as C they would turn a wrong type at runtime into a TypeError).
 DIRECTIVES: dict[str, Any] = {"language_level": 3, "annotation_typing": False, "binding": True}
+# Version of `cdef_declarations`' output: a change rebuilds every module.
+DECLARATIONS = 1
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # this interpreter's ABI
 TAG = SUFFIX.split(".")[1]  # ".cpython-311-x86_64-linux-gnu.so" -> "cpython-311-x86_64-linux-gnu"
 DISABLE = "CITYPLANE_NO_EXTENSIONS"
@@ -164,7 +167,11 @@ class CompiledTree:
         except ImportError as exc:
             raise BuildError(f"{exc.name} is not installed (pip install '.[speedups]')") from None
         manifest = self.manifest() or {}
-        same = manifest.get("cython") == cython and manifest.get("directives") == DIRECTIVES
+        same = (
+            manifest.get("cython") == cython
+            and manifest.get("directives") == DIRECTIVES
+            and manifest.get("declarations") == DECLARATIONS
+        )
         todo = self.out_of_date(manifest if same else None)
         if not todo and set(manifest.get("modules") or {}) == set(self.modules):
             return f"gateway modules: compiled with Cython {cython}, up to date with the sources"
@@ -176,13 +183,14 @@ class CompiledTree:
         # Cython's C leaves a few helpers unused; gcc and clang would warn about each.
         quiet_cc = ["-Wno-unused-function"] if os.name == "posix" else []
         with tempfile.TemporaryDirectory(prefix="cityplane-speedups-") as tmp:
+            self._declare(Path(tmp, "pxd"), todo)
             sources = [
                 Extension(m, [str(self.source(m))], extra_compile_args=quiet_cc) for m in todo
             ]
             # One module per worker process, not cythonize(nthreads=…): its workers print a
             # traceback for every module Cython rejects, after Cython's own error message.
             with ProcessPoolExecutor(max_workers=jobs) as pool:
-                generated = list(pool.map(_cythonize, sources, [f"{tmp}/c"] * len(sources)))
+                generated = list(pool.map(_cythonize, sources, [tmp] * len(sources)))
             failed = [m for m, ext in zip(todo, generated, strict=True) if ext is None]
             if failed:
                 raise BuildError(f"Cython rejected {', '.join(failed)} (its error is above)")
@@ -205,7 +213,12 @@ class CompiledTree:
         changed = [m for m in self.modules if _sha256(self.source(m)) != hashes[m]]
         if changed:
             raise BuildError(f"{self.source(changed[0])} changed during the build; build again")
-        record = {"cython": cython, "directives": DIRECTIVES, "modules": hashes}
+        record = {
+            "cython": cython,
+            "directives": DIRECTIVES,
+            "declarations": DECLARATIONS,
+            "modules": hashes,
+        }
         partial = self.manifest_path.with_suffix(".tmp")
         partial.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         os.replace(partial, self.manifest_path)
@@ -216,6 +229,20 @@ class CompiledTree:
             f" {done - cythonized:.1f} s, {jobs} jobs) into {self.root}"
         )
 
+    def _declare(self, root: Path, modules: Sequence[str]) -> None:
+        """The augmenting ``.pxd`` of each module (`cdef_declarations`), where Cython looks for
+        them: on the include path, under the module's package (each with an ``__init__.pxd``).
+        They are derived from the sources alone, so the sources' hashes cover them too."""
+        for module in modules:
+            declarations = cdef_declarations(self.source(module).read_text(encoding="utf-8"))
+            *package, name = module.split(".")
+            folder = root.joinpath(*package)
+            folder.mkdir(parents=True, exist_ok=True)
+            for depth in range(1, len(package) + 1):
+                root.joinpath(*package[:depth], "__init__.pxd").touch()
+            if declarations:
+                (folder / f"{name}.pxd").write_text(declarations, encoding="utf-8")
+
     def _prune(self) -> None:
         """Remove compiled files of modules no longer listed: they would still be imported."""
         keep = {self.binary(m) for m in self.modules}
@@ -224,7 +251,75 @@ class CompiledTree:
                 path.unlink()
 
 
-def _cythonize(source: Any, build_dir: str) -> Any:
+def cdef_declarations(source: str) -> str:
+    """An augmenting ``.pxd`` that makes the module's plain slotted classes extension types.
+
+    A class whose body sets ``__slots__`` to a tuple of names, with no decorator, no metaclass
+    and no base other than such a class of the same module, keeps its Python source and
+    behaviour: its instances already had exactly those attributes. Compiled as a ``cdef``
+    class, ``self.name`` in its methods reads and writes a C struct field instead of going
+    through CPython's generic attribute lookup (ADR 16). Every slot stays ``public``, so any
+    other code reads and writes it as before. Differences: a slot never assigned reads as
+    ``None`` rather than raising ``AttributeError``, and the class itself is immutable (a
+    test patches a method of an instance's class through a subclass, not by assignment).
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return ""  # Cython reports it, with its file and line
+    declared: set[str] = set()
+    out: list[str] = []
+    for node in tree.body:
+        if not isinstance(node, ast.ClassDef) or node.decorator_list or node.keywords:
+            continue
+        bases = [b.id if isinstance(b, ast.Name) else None for b in node.bases]
+        if any(b is None or (b != "object" and b not in declared) for b in bases):
+            continue
+        slots = _slots(node)
+        if slots is None:
+            continue
+        declared.add(node.name)
+        base = next((b for b in bases if b != "object"), None)
+        out.append(f"cdef class {node.name}({base}):" if base else f"cdef class {node.name}:")
+        fields = [n for n in slots if n not in ("__weakref__", "__dict__")]
+        if "__weakref__" in slots:
+            out.append("    cdef object __weakref__")
+        if "__dict__" in slots:
+            out.append("    cdef dict __dict__")
+        if fields:
+            out.append(f"    cdef public object {', '.join(fields)}")
+        elif "__weakref__" not in slots and "__dict__" not in slots:
+            out.append("    pass")
+        out.append("")
+    return "\n".join(out)
+
+
+def _slots(node: ast.ClassDef) -> list[str] | None:
+    """The names of a class body's ``__slots__ = (...)``; None if it has none or not literal."""
+    for statement in node.body:
+        if (
+            isinstance(statement, ast.Assign)
+            and len(statement.targets) == 1
+            and isinstance(statement.targets[0], ast.Name)
+            and statement.targets[0].id == "__slots__"
+        ):
+            value = statement.value
+            elements = value.elts if isinstance(value, (ast.Tuple, ast.List)) else [value]
+            names = [
+                e.value
+                for e in elements
+                if isinstance(e, ast.Constant) and isinstance(e.value, str)
+            ]
+            # Not literal names, or a private name (mangled to ``_Class__name``): as it is.
+            if len(names) != len(elements) or any(
+                n.startswith("__") and not n.endswith("__") for n in names
+            ):
+                return None
+            return names
+    return None
+
+
+def _cythonize(source: Any, tmp: str) -> Any:
     """Python to C for one module, in a worker process: the Extension on C, or None."""
     from Cython.Build import cythonize as untyped
     from Cython.Compiler.Errors import CompileError
@@ -232,7 +327,12 @@ def _cythonize(source: Any, build_dir: str) -> Any:
     cythonize: Callable[..., list[Any]] = untyped  # Cython ships no stubs for it
     try:
         return cythonize(
-            [source], compiler_directives=DIRECTIVES, build_dir=build_dir, quiet=True, force=True
+            [source],
+            compiler_directives=DIRECTIVES,
+            build_dir=f"{tmp}/c",
+            include_path=[f"{tmp}/pxd"],
+            quiet=True,
+            force=True,
         )[0]
     except CompileError:
         return None  # Cython printed the error with its file and line

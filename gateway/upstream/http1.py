@@ -165,8 +165,12 @@ class UpstreamResponse:
             conn._release()
 
 
-class Http1Connection(asyncio.Protocol):
-    """One keep-alive connection to an upstream; used by one request at a time."""
+class Http1Connection:
+    """One keep-alive connection to an upstream; used by one request at a time.
+
+    An `asyncio.Protocol` by its methods, not by inheritance: with no base class, the compiled
+    module makes it an extension type whose own attributes are struct fields (ADR 16).
+    """
 
     __slots__ = (
         "_body_started",

@@ -17,12 +17,14 @@ import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from aiohttp import ClientSession
 
-from gateway.h1server import ClientConnection, IncomingRequest
+import gateway.jwks
+import gateway.runtime
+from gateway.h1server import ClientConnection, FrontServer, IncomingRequest
 from gateway.jwks import TokenVerifier
 from gateway.server import DONE, IN_FLIGHT, TASK, RequestPath
 from tests.conftest import RunningGateway, service
@@ -76,14 +78,14 @@ def trace(monkeypatch: pytest.MonkeyPatch) -> Callable[[RunningGateway], Trace]:
     """Spies on a gateway's `dispatch` (bound by its FrontServer when it started) and on
     `ClientConnection.hand_over`."""
     traces: list[Trace] = []
-    original_hand_over = ClientConnection.hand_over
 
-    def hand_over(conn: ClientConnection, req: IncomingRequest) -> None:
-        for t in traces:
-            t.handed.append((req.raw_path, _hand_over_reason(req)))
-        original_hand_over(conn, req)
+    class Watched(ClientConnection):
+        def hand_over(self, req: IncomingRequest) -> None:
+            for t in traces:
+                t.handed.append((req.raw_path, _hand_over_reason(req)))
+            super().hand_over(req)
 
-    monkeypatch.setattr(ClientConnection, "hand_over", hand_over)
+    monkeypatch.setattr(FrontServer, "connection_type", Watched)
 
     def attach(gw: RunningGateway) -> Trace:
         t = Trace()
@@ -347,20 +349,20 @@ async def test_auth_unverified_token_is_handed_over_then_cached_token_goes_inlin
     try:
         up = await upstreams("bus")
         route = {**ALL, "auth": {}}
+
+        class Counting(TokenVerifier):  # compiled, TokenVerifier is an extension type
+            verified: ClassVar[list[str]] = []
+
+            async def verify(self, token: str) -> Any:
+                self.verified.append(token)
+                return await super().verify(token)
+
+        monkeypatch.setattr(gateway.jwks, "TokenVerifier", Counting)  # the gateway's import
         gw = await gateway_factory(
             [service("bus-times", [up.url], [route])], issuer=hub.url, audience=AUDIENCE
         )
         t = trace(gw)
-        verifier = gw.gateway.verifier
-        verified: list[str] = []
-        original_verify = TokenVerifier.verify
-
-        async def verify(self: TokenVerifier, token: str) -> Any:
-            if self is verifier:  # the class is patched (it has slots): this gateway's only
-                verified.append(token)
-            return await original_verify(self, token)
-
-        monkeypatch.setattr(TokenVerifier, "verify", verify)
+        verified = gw.gateway.verifier.verified
         first, second = hub.token(), hub.token(sub="citizen-43")
         # The first request warms the upstream connection too.
         assert (await body_of(http, gw.url + "/warm", headers=bearer(first)))[0] == 200
@@ -922,7 +924,9 @@ async def test_a_bug_is_answered_500_and_the_gateway_keeps_serving(
             raise RuntimeError("a bug")
         return original(self, flight, *args)
 
-    monkeypatch.setattr(RequestPath, step, broken)
+    # Compiled, RequestPath is an extension type: the gateway builds a subclass instead.
+    broken_path = type("BrokenPath", (RequestPath,), {step: broken})
+    monkeypatch.setattr(gateway.runtime, "RequestPath", broken_path)
     up = await raw_upstream()
     log_file = tmp_path / "access.log"
     gw = await gateway_factory([service("svc", [up.url], [ALL])], access_log=str(log_file))

@@ -12,7 +12,7 @@ import pytest
 from redis.asyncio import Redis
 
 from cityplane.problem import Problem
-from gateway.h1server import ClientConnection, IncomingRequest
+from gateway.h1server import ClientConnection, FrontServer, IncomingRequest
 from gateway.policies.ratelimit import RateLimitPolicy
 from gateway.policies.ratelimit_redis import RedisStore
 from gateway.policies.ratelimit_store import LocalStore
@@ -153,13 +153,13 @@ async def test_a_gateway_on_redis_waits_for_the_decision_without_its_task(
 
     monkeypatch.setattr(server, "dispatch", dispatch)
     handed: list[str] = []
-    real_hand_over = ClientConnection.hand_over
 
-    def hand_over(conn: ClientConnection, req: IncomingRequest) -> None:
-        handed.append(req.raw_path)
-        real_hand_over(conn, req)
+    class Watched(ClientConnection):
+        def hand_over(self, req: IncomingRequest) -> None:
+            handed.append(req.raw_path)
+            super().hand_over(req)
 
-    monkeypatch.setattr(ClientConnection, "hand_over", hand_over)
+    monkeypatch.setattr(FrontServer, "connection_type", Watched)
     statuses = []
     for _ in range(5):
         async with http.get(gw.url + "/bus/x") as resp:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from gateway.speedups import (
+    DECLARATIONS,
     DIRECTIVES,
     DISABLE,
     GATEWAY,
@@ -61,7 +62,12 @@ def _built(base: Path, cython: str = "3.3.1") -> CompiledTree:
         tree.binary(module).parent.mkdir(parents=True, exist_ok=True)
         tree.binary(module).write_bytes(b"")
     hashes = {m: hashlib.sha256(tree.source(m).read_bytes()).hexdigest() for m in SOURCES}
-    manifest = {"cython": cython, "directives": DIRECTIVES, "modules": hashes}
+    manifest = {
+        "cython": cython,
+        "directives": DIRECTIVES,
+        "declarations": DECLARATIONS,
+        "modules": hashes,
+    }
     tree.manifest_path.write_text(json.dumps(manifest))
     return CompiledTree(base, list(SOURCES))  # a new process, as it were: nothing judged yet
 
@@ -155,7 +161,7 @@ def test_build_is_skipped_while_the_manifest_matches_every_source(tmp_path: Path
     assert tree.build(jobs=1) == expected
     tree.source("pkg.sub.b").write_text(SOURCES["pkg.sub.b"] + "\n")
     assert tree.out_of_date(tree.manifest()) == ["pkg.sub.b"]
-    # Another Cython (or other directives) built the rest: build() rebuilds them all.
+    # Another Cython (other directives, other declarations) built the rest: all are rebuilt.
     assert tree.out_of_date(None) == ["pkg.a", "pkg.sub.b"]
 
 
@@ -180,6 +186,106 @@ def _import_from_tree(base: Path) -> list[str]:
         timeout=60,
     )
     return done.stdout.split()
+
+
+SLOTTED = """\
+import weakref
+
+
+class Base:
+    __slots__ = ("count", "name", "__weakref__")
+    LIMIT = 3
+
+    def __init__(self, name):
+        self.name = name
+        self.count = 0
+
+    def bump(self):
+        self.count += 1
+        return self.count
+
+
+class Child(Base):
+    __slots__ = ("extra",)
+
+
+class Plain:
+    pass
+
+
+@staticmethod
+def _unused():
+    pass
+"""
+
+
+def test_declarations_make_plain_slotted_classes_cdef_classes_with_public_slots() -> None:
+    from gateway.speedups import cdef_declarations
+
+    assert cdef_declarations(SLOTTED) == (
+        "cdef class Base:\n"
+        "    cdef object __weakref__\n"
+        "    cdef public object count, name\n"
+        "\n"
+        "cdef class Child(Base):\n"
+        "    cdef public object extra\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import asyncio\nclass P(asyncio.Protocol):\n    __slots__ = ('a',)\n",  # foreign base
+        "class E(Exception):\n    __slots__ = ('a',)\n",  # a base not declared here
+        "import dataclasses\n@dataclasses.dataclass(slots=True)\nclass D:\n    a: int\n",
+        "class M(metaclass=type):\n    __slots__ = ('a',)\n",
+        "class N:\n    __slots__ = ('__private',)\n",  # mangled to _N__private
+        "class V:\n    __slots__ = NAMES\n",  # not literal
+        "class W:\n    pass\n",  # no slots: instances take any attribute
+        "def broken(:\n",  # Cython reports the syntax error itself
+    ],
+)
+def test_classes_that_could_behave_differently_are_not_declared(source: str) -> None:
+    from gateway.speedups import cdef_declarations
+
+    assert cdef_declarations(source) == ""
+
+
+@pytest.mark.skipif(not HAS_CYTHON, reason="Cython is not installed")
+def test_a_compiled_slotted_class_is_an_extension_type_that_behaves_as_before(
+    tmp_path: Path,
+) -> None:
+    tree = CompiledTree(tmp_path, ["pkg.a"])
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    tree.source("pkg.a").write_text(SLOTTED)
+    assert " compiled 1 of 1 " in tree.build(jobs=1)
+    program = (
+        "import sys, weakref; from pathlib import Path\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import pkg\n"
+        "from gateway.speedups import CompiledTree\n"
+        f"CompiledTree(Path({str(tmp_path)!r}), ['pkg.a']).activate('pkg', pkg.__path__)\n"
+        "from pkg.a import Base, Child\n"
+        "assert Base.__module__ == 'pkg.a' and 'pkg/a.py' not in sys.modules['pkg.a'].__file__\n"
+        "heap = 1 << 9  # Py_TPFLAGS_HEAPTYPE: classes made by a class statement have it\n"
+        "print(bool(Base.__flags__ & heap), bool(Child.__flags__ & heap))\n"
+        "c = Child('x'); c.extra = 1\n"
+        "print(c.bump(), c.bump(), c.name, c.extra, Child.LIMIT, weakref.ref(c)() is c)\n"
+        "try:\n    c.other = 1\nexcept AttributeError:\n    print('no other attribute')\n"
+        "class Sub(Base):  # a Python subclass may still override a method\n"
+        "    def bump(self):\n        return -1\n"
+        "print(Sub('y').bump())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=GATEWAY.base,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["False False", "1 2 x 1 3 True", "no other attribute", "-1"]
 
 
 @pytest.mark.skipif(not HAS_CYTHON, reason="Cython is not installed")
