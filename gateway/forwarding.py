@@ -162,14 +162,23 @@ def forwarded_fields(
 def _hop_block(xff: str, proto: str | None, host: str | None, fwd: str) -> bytes:
     """This hop's forwarding fields as wire lines: the same for every request of a client
     that is not behind a trusted proxy. The values come from bytes llhttp accepted (decoded
-    latin-1) and the peer's address, so they hold no CR, LF or NUL."""
+    latin-1) and the peer's address, so they hold no CR, LF or NUL; checked all the same,
+    once per distinct block (the cache), since the upstream head does not check it again."""
     lines = [f"X-Forwarded-For: {xff}\r\n"]
     if proto is not None:
         lines.append(f"X-Forwarded-Proto: {proto}\r\n")
     if host is not None:
         lines.append(f"X-Forwarded-Host: {host}\r\n")
     lines.append(f"Forwarded: {fwd}\r\n")
+    if any(breaks_field(v) for v in (xff, proto or "", host or "", fwd)):
+        raise ValueError(f"CR, LF or NUL in a forwarding field: {lines!r}")
     return "".join(lines).encode("latin-1")
+
+
+def breaks_field(value: str) -> bool:
+    """Whether a field value holds CR, LF or NUL, which could end its field early and start
+    another field or request (RFC 9110 §5.5)."""
+    return "\r" in value or "\n" in value or "\x00" in value
 
 
 def upstream_headers(

@@ -299,8 +299,12 @@ class InlineState(Protocol):
         """The client closed: give up what is under way and account for the request."""
 
 
-class ClientConnection(asyncio.Protocol):
-    """One client connection: parser, request queue, response writer, clocks."""
+class ClientConnection:
+    """One client connection: parser, request queue, response writer, clocks.
+
+    An `asyncio.Protocol` by its methods, not by inheritance: with no base class, the compiled
+    module makes it an extension type whose own attributes are struct fields (ADR 16).
+    """
 
     __slots__ = (
         "_busy",
@@ -1089,6 +1093,10 @@ class _RefusedConnection(asyncio.Protocol):
 class FrontServer:
     """The protocol factory for the gateway's listening socket."""
 
+    # Compiled, ClientConnection is an extension type that cannot be patched; a test that
+    # watches connections sets a subclass here.
+    connection_type: type[ClientConnection] = ClientConnection
+
     def __init__(self, handler: Handler, limits: GatewayLimits, *, on_refused: Any = None) -> None:
         self.handler = handler
         # Requests that need not wait are started from the protocol's callbacks (ADR 14).
@@ -1111,7 +1119,7 @@ class FrontServer:
     def __call__(self) -> asyncio.Protocol:
         if len(self._connections) >= self.limits.max_connections:
             return self._refuse()
-        return ClientConnection(self)
+        return cast(asyncio.Protocol, self.connection_type(self))
 
     @property
     def connections(self) -> int:

@@ -23,6 +23,7 @@ from cityplane.jwks import (
     KeysUnavailable,
     refresh_interval,
 )
+from gateway.forwarding import breaks_field
 
 __all__ = [
     "ALLOWED_ALGORITHMS",
@@ -100,8 +101,10 @@ class VerifiedToken:
         if self.scopes:
             headers.append(("X-CityPlane-Scopes", _header_value(" ".join(scope.split()))))
         self.headers: tuple[tuple[str, str], ...] = tuple(headers)
-        # The same as wire lines, for the upstream head (the values are percent-encoded
-        # ASCII: no CR, LF or NUL can be in them).
+        # The same as wire lines, for the upstream head, which does not check them again (the
+        # values are percent-encoded ASCII: no CR, LF or NUL can be in them; checked once here).
+        if any(breaks_field(v) for _, v in headers):
+            raise InvalidToken("A claim cannot be passed on as a header field")
         self.header_block = "".join(f"{n}: {v}\r\n" for n, v in headers).encode("ascii")
 
 

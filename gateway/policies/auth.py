@@ -136,7 +136,9 @@ class AuthPolicy:
         # bearer token: the request has none, and the header goes upstream untouched.
         if scheme.lower() != "bearer":
             return None
-        return token
+        # RFC 7235 allows more than one space after the scheme: the cache is keyed by the
+        # token itself, so "Bearer  t" and "Bearer t" are one entry.
+        return token.lstrip(" ")
 
     def _admit(self, exchange: Exchange, verified: VerifiedToken) -> None:
         if not self._scopes <= verified.scopes:
@@ -158,7 +160,6 @@ class AuthPolicy:
         exchange.upstream_block += verified.header_block
 
     async def _verify(self, token: str) -> VerifiedToken:
-        token = token.lstrip(" ")
         if not _B64TOKEN.match(token):
             self._invalid("The Authorization header does not carry a bearer token")
         try:

@@ -760,6 +760,23 @@ async def test_verified_token_cache_is_bounded_and_evicts_the_oldest(
     assert all(v.cached(t) is not None for t in tokens[1:])
 
 
+async def test_extra_spaces_after_bearer_still_use_the_verified_token_cache(
+    hub: Issuer, verifier: Any
+) -> None:
+    v = await verifier()
+    policy = AuthPolicy("bus-times/read", Auth(scopes=["bus:read"]), v)
+    token = hub.token()
+    await v.verify(token)
+    for header in (f"Bearer {token}", f"Bearer  {token}", f"bearer   {token}"):
+        request = make_mocked_request("GET", "/bus/x", headers={"Authorization": header})
+        exchange = Exchange(
+            request, client_ip="127.0.0.1", path="/bus/x", route_id="r", request_id="1", start=0.0
+        )
+        # Decided from the cache, without the task that verifies a token not seen before.
+        assert policy.check_now(exchange), header
+        assert exchange.consumer == "bus-app"
+
+
 async def test_cached_token_check_costs_under_fifty_microseconds(
     hub: Issuer, verifier: Any
 ) -> None:
@@ -882,3 +899,26 @@ async def test_machine_token_on_a_route_for_people_gets_the_step_up_challenge(
     async with http.get(gw.url + "/bus/stops/1", headers=bearer(_machine_token(hub))) as resp:
         assert resp.status == 401
         assert 'acr_values="urn:cityplane:loa:1"' in resp.headers["WWW-Authenticate"]
+
+
+def test_claims_with_cr_or_lf_cannot_add_upstream_fields() -> None:
+    # The upstream head does not scan the identity block again: it must be clean when built.
+    from gateway.jwks import VerifiedToken
+
+    claims = {
+        "sub": "citizen\r\nX-CityPlane-Level: 4",
+        "client_id": "app\nX: 1",
+        "org": "org\x00",
+        "scope": "a b",
+        "exp": 0,
+    }
+    block = VerifiedToken(claims, 0.0).header_block
+    lines = block.split(b"\r\n")
+    assert lines[-1] == b"" and not any(b"\r" in x or b"\n" in x or b"\x00" in x for x in lines)
+    assert [x.partition(b":")[0] for x in lines[:-1]] == [
+        b"X-CityPlane-Subject",
+        b"X-CityPlane-Level",
+        b"X-CityPlane-Client",
+        b"X-CityPlane-Organization",
+        b"X-CityPlane-Scopes",
+    ]
