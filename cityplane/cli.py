@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,12 +33,20 @@ def _env(name: str, default: Any = None) -> Any:
     return os.environ.get(f"CITYPLANE_{name}", default)
 
 
+def _float_env(name: str, default: float) -> float:
+    return _number_env(name, default, float)
+
+
 def _int_env(name: str, default: int | None) -> int | None:
+    return _number_env(name, default, int)
+
+
+def _number_env(name: str, default: Any, kind: Callable[[str], Any]) -> Any:
     raw = _env(name)
     if raw is None:
         return default
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError:
         raise CliError(f"CITYPLANE_{name}={raw!r} is not a number", EXIT_USAGE) from None
 
@@ -92,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--status-host", default=_env("STATUS_HOST"))
     gw.add_argument("--workers", type=int, default=_int_env("WORKERS", 1), help="0 = one per CPU")
     gw.add_argument("--redis", default=_env("REDIS_URL"), help="redis://… for shared state")
+    gw.add_argument(
+        "--redis-timeout",
+        type=float,
+        default=_float_env("REDIS_TIMEOUT", 0.25),
+        help="seconds a rate-limit decision waits for Redis before onStoreError applies",
+    )
     gw.add_argument(
         "--trusted-proxy",
         action="append",
@@ -297,6 +311,10 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
             raise CliError(f"--config {p}: no such file or directory", EXIT_CONFIG)
     if args.status_port == args.port:
         raise CliError("--status-port must differ from --port", EXIT_USAGE)
+    if not 0 < args.redis_timeout <= 60:
+        raise CliError(
+            f"--redis-timeout {args.redis_timeout:g}: give seconds above 0, at most 60", EXIT_USAGE
+        )
     if args.jwks_url and not args.issuer:
         raise CliError(
             "--jwks-url needs --issuer too: a token's 'iss' must match it (RFC 9068 §4)",
@@ -322,6 +340,7 @@ def _gateway_settings(args: argparse.Namespace) -> Any:
         status_host=args.status_host,
         status_port=args.status_port,
         redis_url=args.redis,
+        redis_timeout=args.redis_timeout,
         trusted_proxies=list(args.trusted_proxy),
         access_log=args.access_log,
         otlp_endpoint=args.otlp_endpoint,
@@ -342,15 +361,18 @@ def _check_config(settings: Any) -> None:
         return  # the registry validated every document it accepted
     from cityplane.documents import DocumentError, load_documents
     from gateway.compiler import Compiler, ConfigError, PolicyContext
-    from gateway.jwks import TokenVerifier
     from gateway.policies.ratelimit_store import LocalStore
 
     # Routes with auth compile against a verifier that is never started: no key is fetched here.
-    verifier = (
-        TokenVerifier(settings.issuer, jwks_url=settings.jwks_url, audience=settings.audience)
-        if settings.issuer
-        else None
-    )
+    # Imported only then: PyJWT brings cryptography, ~10 MB of RSS a gateway without an issuer
+    # never uses (the single worker runs in this process).
+    verifier = None
+    if settings.issuer:
+        from gateway.jwks import TokenVerifier
+
+        verifier = TokenVerifier(
+            settings.issuer, jwks_url=settings.jwks_url, audience=settings.audience
+        )
     try:
         services = load_documents(settings.config)
         local = LocalStore()
@@ -489,7 +511,11 @@ def _use_uvloop() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # defaults come from CITYPLANE_* variables: they may be bad
+    except CliError as exc:
+        print(f"cityplane: {exc}", file=sys.stderr)
+        return exc.code
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=str(args.log_level).upper(),
