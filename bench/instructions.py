@@ -53,7 +53,14 @@ from bench.processes import (
 from bench.redis_server import local_url, redis_server_installed, start_redis
 from bench.tools import git_state, machine
 
-CONFIGURATIONS = ("gateway", "gateway-ratelimit", "gateway-redis", "gateway-full")
+CONFIGURATIONS = (
+    "gateway",
+    "gateway-ratelimit",
+    "gateway-accesslog",
+    "gateway-redis",
+    "gateway-full",
+)
+LOGGING = ("gateway-accesslog", "gateway-full")
 FORMS = {"compiled": {}, "sources": {"CITYPLANE_NO_EXTENSIONS": "1"}}
 CONNECTIONS = 8
 
@@ -66,7 +73,7 @@ def _argv(
         *("--log-level", "warning", "gateway", "--config", str(config)),
         *("--port", str(port), "--status-port", str(free_port()), "--workers", "1"),
         "--access-log",
-        str(workdir / f"access-{port}.log") if name == "gateway-full" else "off",
+        str(workdir / f"access-{port}.log") if name in LOGGING else "off",
     ]
     if name == "gateway-redis":
         # Under callgrind the gateway runs ~50 times slower: 0.25 s would time Redis out.
@@ -135,7 +142,7 @@ def measure(
     config = workdir / f"{name}-{form}.json"
     document = service_document(
         upstream_port,
-        rate_limit=name != "gateway",
+        rate_limit=name not in ("gateway", "gateway-accesslog"),
         auth_scope=issuer.scope if name == "gateway-full" else None,
     )
     config.write_text(json.dumps(document))

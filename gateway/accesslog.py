@@ -25,6 +25,7 @@ class AccessLog:
         "_max",
         "_sink",
         "_soft_max",
+        "_tails",
         "_task",
         "_wake",
         "dropped",
@@ -42,6 +43,7 @@ class AccessLog:
         self._interval = flush_interval
         self._max = max_lines * 4
         self._soft_max = max_lines
+        self._tails: dict[tuple[str, str, str | None], str] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self.dropped = 0
@@ -57,27 +59,31 @@ class AccessLog:
 
     def record_request(
         self,
-        ts: float,
+        ts_ms: int,
         request_id: str,
         client: str,
         method: str,
         path: str,
         status: int,
-        duration_ms: float,
+        duration_us: int,
         service: str,
         route: str,
         upstream: str | None,
     ) -> None:
-        """One proxied request: the line ``record()`` would write for these fields, in order."""
+        """One proxied request: ``request_line()`` of these fields. The line's last three
+        fields repeat for every request of a route and upstream: they are escaped once."""
         buf = self._buffer
         if len(buf) >= self._max:
             self.dropped += 1
             return
-        buf.append(
-            request_line(
-                ts, request_id, client, method, path, status, duration_ms, service, route, upstream
-            )
-        )
+        tails = self._tails
+        key = (service, route, upstream)
+        tail = tails.get(key)
+        if tail is None:
+            if len(tails) >= _MAX_TAILS:  # routes of replaced configurations
+                tails.clear()
+            tail = tails[key] = line_tail(service, route, upstream)
+        buf.append(line_head(ts_ms, request_id, client, method, path, status, duration_us) + tail)
         if len(buf) >= self._soft_max:
             self._wake.set()
 
@@ -117,26 +123,52 @@ class AccessLog:
 
 
 def request_line(
-    ts: float,
+    ts_ms: int,
     request_id: str,
     client: str,
     method: str,
     path: str,
     status: int,
-    duration_ms: float,
+    duration_us: int,
     service: str,
     route: str,
     upstream: str | None,
 ) -> str:
-    """``json.dumps`` of the request's fields (compact, ``ensure_ascii=False``), character for
-    character: strings go through json's own encoder and floats through ``repr``, as in
-    ``json.dumps``. Without the dict and the generic encoder: 1.7 µs per line instead of 4.0.
-    """
+    """The compact JSON object of a request's fields (``ensure_ascii=False``), in this order:
+    ``ts`` (Unix time in seconds) and ``duration_ms`` with exactly three decimals, the strings
+    through json's own encoder. Both numbers come from integers (milliseconds, microseconds):
+    ``round()`` and ``repr()`` of floats were 9k of the 25k instructions a line cost."""
+    return line_head(ts_ms, request_id, client, method, path, status, duration_us) + line_tail(
+        service, route, upstream
+    )
+
+
+def line_head(
+    ts_ms: int,
+    request_id: str,
+    client: str,
+    method: str,
+    path: str,
+    status: int,
+    duration_us: int,
+) -> str:
+    esc = encode_basestring
+    seconds, ms = divmod(ts_ms, 1000)
+    whole, us = divmod(duration_us, 1000)
+    return (
+        f'{{"ts":{seconds}.{_DECIMALS[ms]},"request_id":{esc(request_id)},'
+        f'"client":{esc(client)},"method":{_METHODS.get(method) or esc(method)},'
+        f'"path":{esc(path)},"status":{int(status)},"duration_ms":{whole}.{_DECIMALS[us]},'
+    )
+
+
+def line_tail(service: str, route: str, upstream: str | None) -> str:
     esc = encode_basestring
     up = "null" if upstream is None else esc(upstream)
-    return (
-        f'{{"ts":{ts!r},"request_id":{esc(request_id)},"client":{esc(client)},'
-        f'"method":{esc(method)},"path":{esc(path)},"status":{int(status)},'
-        f'"duration_ms":{duration_ms!r},"service":{esc(service)},"route":{esc(route)},'
-        f'"upstream":{up}}}'
-    )
+    return f'"service":{esc(service)},"route":{esc(route)},"upstream":{up}}}'
+
+
+_METHODS = {m: encode_basestring(m) for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")}
+_MAX_TAILS = 10_000
+# "007" for 7: a format spec per number cost 1.3k instructions of a line
+_DECIMALS = tuple(f"{n:03d}" for n in range(1000))

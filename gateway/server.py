@@ -242,13 +242,13 @@ class RequestPath:
         self._metrics.observe(key[0], key[1], flight.status, elapsed)
         if self.access_log is not None:
             self.access_log.record_request(
-                round(time.time(), 3),
+                time.time_ns() // 1_000_000,
                 ex.request_id,
                 ex.client_ip,
                 request.method,
                 request.raw_path,
                 flight.status,
-                round(elapsed * 1000, 3),
+                round(elapsed * 1_000_000),
                 key[0],
                 key[1],
                 flight.upstream_url,
