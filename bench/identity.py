@@ -345,10 +345,9 @@ def _percentile(sorted_values: list[float], pct: float) -> float:
 
 async def validation_cost(issuer: str, tokens: list[str], number: int) -> dict[str, Any]:
     """µs per `AuthPolicy.check` on a cached token, and per first `verify` of a new one."""
-    from aiohttp.test_utils import make_mocked_request
-
     from cityplane.schema import Auth
     from gateway.exchange import Exchange
+    from gateway.h1server import detached_request
     from gateway.jwks import TokenVerifier
     from gateway.policies.auth import AuthPolicy
 
@@ -360,7 +359,7 @@ async def validation_cost(issuer: str, tokens: list[str], number: int) -> dict[s
             await verifier.verify(token)
         first_sight_us = (time.perf_counter() - began) * 1e6 / len(tokens)
         policy = AuthPolicy("bench/read", Auth(scopes=[SERVICE_SCOPE], minTrustLevel=1), verifier)
-        request = make_mocked_request("GET", "/x", headers={"Authorization": f"Bearer {tokens[0]}"})
+        request = detached_request("GET", "/x", {"Authorization": f"Bearer {tokens[0]}"})
         exchange = Exchange(
             request, client_ip="127.0.0.1", path="/x", route_id="r", request_id="1", start=0.0
         )

@@ -1152,3 +1152,23 @@ class FrontServer:
             await asyncio.sleep(0.05)
         for conn in list(self._connections):
             conn.abort()
+
+
+def detached_request(
+    method: str = "GET", path: str = "/", headers: dict[str, str] | None = None
+) -> IncomingRequest:
+    """A request no client sent, on a connection that never opened, for benchmarks and tests
+    that call the policies directly (from a running event loop). The compiled gateway takes
+    only an `IncomingRequest` where one is annotated (ADR 17)."""
+    from gateway.connections import GatewayLimits
+
+    async def unused(request: IncomingRequest) -> None:
+        raise AssertionError("a detached request is never served")
+
+    request = IncomingRequest(ClientConnection(FrontServer(unused, GatewayLimits())))
+    request.method = method
+    request.raw_path = path
+    fields = headers or {}
+    request.raw_headers = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in fields.items()]
+    request.host = fields.get("Host", "")
+    return request

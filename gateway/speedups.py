@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, MutableSequence, Sequence
+from collections.abc import Callable, Mapping, MutableSequence, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -55,9 +55,14 @@ MODULES = (
 )
 # The directives the gain was measured with: the sources compile as they are, and annotations
 # stay hints (typed as C they would turn a wrong type at runtime into a TypeError).
-DIRECTIVES: dict[str, Any] = {"language_level": 3, "annotation_typing": False, "binding": True}
-# Version of `cdef_declarations`' output: a change rebuilds every module.
-DECLARATIONS = 1
+DIRECTIVES: dict[str, Any] = {
+    "language_level": 3,
+    "annotation_typing": True,
+    "binding": True,
+    "nonecheck": True,
+}
+# Version of what `cdef_declarations` and `typed_source` write: a change rebuilds every module.
+DECLARATIONS = 4
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # this interpreter's ABI
 TAG = SUFFIX.split(".")[1]  # ".cpython-311-x86_64-linux-gnu.so" -> "cpython-311-x86_64-linux-gnu"
 DISABLE = "CITYPLANE_NO_EXTENSIONS"
@@ -167,10 +172,16 @@ class CompiledTree:
         except ImportError as exc:
             raise BuildError(f"{exc.name} is not installed (pip install '.[speedups]')") from None
         manifest = self.manifest() or {}
+        others = self._others()
+        declarations = self.declarations(others)
+        # A module's C reads the struct layout of every extension type it touches, possibly
+        # through another module's typed slot: a change to any declaration rebuilds them all.
+        interfaces = interfaces_key(declarations)
         same = (
             manifest.get("cython") == cython
             and manifest.get("directives") == DIRECTIVES
             and manifest.get("declarations") == DECLARATIONS
+            and manifest.get("interfaces") == interfaces
         )
         todo = self.out_of_date(manifest if same else None)
         if not todo and set(manifest.get("modules") or {}) == set(self.modules):
@@ -183,14 +194,21 @@ class CompiledTree:
         # Cython's C leaves a few helpers unused; gcc and clang would warn about each.
         quiet_cc = ["-Wno-unused-function"] if os.name == "posix" else []
         with tempfile.TemporaryDirectory(prefix="cityplane-speedups-") as tmp:
-            self._declare(Path(tmp, "pxd"), todo)
+            self._declare(Path(tmp, "pxd"), declarations)
             sources = [
-                Extension(m, [str(self.source(m))], extra_compile_args=quiet_cc) for m in todo
+                Extension(
+                    m,
+                    [str(self._typed(Path(tmp, "src"), m, others))],
+                    extra_compile_args=quiet_cc,
+                )
+                for m in todo
             ]
             # One module per worker process, not cythonize(nthreads=…): its workers print a
             # traceback for every module Cython rejects, after Cython's own error message.
             with ProcessPoolExecutor(max_workers=jobs) as pool:
-                generated = list(pool.map(_cythonize, sources, [tmp] * len(sources)))
+                generated = list(
+                    pool.map(_cythonize, sources, [tmp] * len(sources), map(self.source, todo))
+                )
             failed = [m for m, ext in zip(todo, generated, strict=True) if ext is None]
             if failed:
                 raise BuildError(f"Cython rejected {', '.join(failed)} (its error is above)")
@@ -217,6 +235,7 @@ class CompiledTree:
             "cython": cython,
             "directives": DIRECTIVES,
             "declarations": DECLARATIONS,
+            "interfaces": interfaces,
             "modules": hashes,
         }
         partial = self.manifest_path.with_suffix(".tmp")
@@ -229,19 +248,49 @@ class CompiledTree:
             f" {done - cythonized:.1f} s, {jobs} jobs) into {self.root}"
         )
 
-    def _declare(self, root: Path, modules: Sequence[str]) -> None:
-        """The augmenting ``.pxd`` of each module (`cdef_declarations`), where Cython looks for
-        them: on the include path, under the module's package (each with an ``__init__.pxd``).
-        They are derived from the sources alone, so the sources' hashes cover them too."""
-        for module in modules:
-            declarations = cdef_declarations(self.source(module).read_text(encoding="utf-8"))
+    def declarations(self, others: Mapping[str, Sequence[str]] | None = None) -> dict[str, str]:
+        """Each module's augmenting ``.pxd`` (`cdef_declarations`), derived from the sources
+        alone: the sources' hashes cover them, so the runtime check needs no more."""
+        others = self._others() if others is None else others
+        return {m: cdef_declarations(self._text(m), m, others) for m in self.modules}
+
+    def _text(self, module: str) -> str:
+        path = self.source(module)
+        return path.read_text(encoding="utf-8") if path.is_file() else ""  # build() reports it
+
+    def _others(self) -> dict[str, list[str]]:
+        """Each module's extension classes (`extension_classes`)."""
+        return {m: extension_classes(self._text(m)) for m in self.modules}
+
+    def _typed(self, root: Path, module: str, others: Mapping[str, Sequence[str]]) -> Path:
+        """The file Cython compiles for ``module``: its source when `typed_source` leaves it
+        as it is, else the typed text under ``root`` at the module's relative path (Cython
+        then names ``gateway/…/module.py`` in tracebacks, with the source's line numbers)."""
+        source = self.source(module)
+        text = source.read_text(encoding="utf-8")
+        typed = typed_source(text, module, others)
+        if typed == text:
+            return source
+        *package, name = module.split(".")
+        path = root.joinpath(*package, name + ".py")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for depth in range(1, len(package) + 1):
+            root.joinpath(*package[:depth], "__init__.py").touch()
+        path.write_text(typed, encoding="utf-8")
+        return path
+
+    def _declare(self, root: Path, declarations: Mapping[str, str]) -> None:
+        """Write the ``.pxd`` files where Cython looks for them: on the include path, under
+        the module's package (each with an ``__init__.pxd``), all of them, since a module
+        cimports the extension types of others."""
+        for module, text in declarations.items():
             *package, name = module.split(".")
             folder = root.joinpath(*package)
             folder.mkdir(parents=True, exist_ok=True)
             for depth in range(1, len(package) + 1):
                 root.joinpath(*package[:depth], "__init__.pxd").touch()
-            if declarations:
-                (folder / f"{name}.pxd").write_text(declarations, encoding="utf-8")
+            if text:
+                (folder / f"{name}.pxd").write_text(text, encoding="utf-8")
 
     def _prune(self) -> None:
         """Remove compiled files of modules no longer listed: they would still be imported."""
@@ -251,7 +300,23 @@ class CompiledTree:
                 path.unlink()
 
 
-def cdef_declarations(source: str) -> str:
+def interfaces_key(declarations: Mapping[str, str]) -> str:
+    """One hash of every module's declarations, as the manifest records it."""
+    return hashlib.sha256(json.dumps(dict(declarations), sort_keys=True).encode()).hexdigest()
+
+
+def extension_classes(source: str) -> list[str]:
+    """The classes of a module that `cdef_declarations` makes extension types, in order."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    return [node.name for node, _base, _slots in _eligible(tree)]
+
+
+def cdef_declarations(
+    source: str, module: str = "", others: Mapping[str, Sequence[str]] | None = None
+) -> str:
     """An augmenting ``.pxd`` that makes the module's plain slotted classes extension types.
 
     A class whose body sets ``__slots__`` to a tuple of names, with no decorator, no metaclass
@@ -262,13 +327,120 @@ def cdef_declarations(source: str) -> str:
     other code reads and writes it as before. Differences: a slot never assigned reads as
     ``None`` rather than raising ``AttributeError``, and the class itself is immutable (a
     test patches a method of an instance's class through a subclass, not by assignment).
+
+    A slot that ``__init__`` sets from a parameter annotated with such a class (of this module,
+    or of a module in ``others``: module name to its extension classes), or annotates with one
+    itself, optionally ``| None``, is declared with that type: ``self.ex.request_id`` then
+    reads two struct fields. Assigning an object of another type to it raises ``TypeError``
+    in the compiled form (mypy holds the sources to the same annotations).
     """
     try:
         tree = ast.parse(source)
     except SyntaxError:
         return ""  # Cython reports it, with its file and line
-    declared: set[str] = set()
+    classes = _eligible(tree)
+    local = {node.name for node, _base, _slots in classes}
+    imported = _imported_classes(tree, module, others or {})
+    cimports: set[tuple[str, str, str]] = set()
     out: list[str] = []
+    defined: set[str] = set()
+    forward: list[str] = []
+    for node, base, slots in classes:
+        defined.add(node.name)
+        out.append(f"cdef class {node.name}({base}):" if base else f"cdef class {node.name}:")
+        fields = [n for n in slots if n not in ("__weakref__", "__dict__")]
+        if "__weakref__" in slots:
+            out.append("    cdef object __weakref__")
+        if "__dict__" in slots:
+            out.append("    cdef dict __dict__")
+        types = _slot_types(node, set(fields))
+        untyped = []
+        for field in fields:
+            name = types.get(field)
+            if name in local:
+                if name not in defined and name not in forward:
+                    forward.append(name)  # a class further down the module
+                out.append(f"    cdef public {name} {field}")
+            elif name is not None and name in imported:
+                cimports.add(imported[name])
+                out.append(f"    cdef public {name} {field}")
+            else:
+                untyped.append(field)
+        if untyped:
+            out.append(f"    cdef public object {', '.join(untyped)}")
+        elif not fields and "__weakref__" not in slots and "__dict__" not in slots:
+            out.append("    pass")
+        out.append("")
+    if not out:
+        return ""
+    head = [
+        f"from {m} cimport {c}" if c == alias else f"from {m} cimport {c} as {alias}"
+        for m, c, alias in sorted(cimports)
+    ]
+    head += [f"cdef class {name}" for name in forward]
+    return "\n".join([*head, *([""] if head else []), *out])
+
+
+def typed_source(
+    source: str, module: str = "", others: Mapping[str, Sequence[str]] | None = None
+) -> str:
+    """The text Cython compiles for a module: its source, where every return annotation and
+    every annotation of a parameter or local that does not name an extension class is
+    ``object``.
+
+    With ``annotation_typing`` Cython turns annotations into runtime types that mypy does not
+    mean: ``float`` becomes a C double (an ``int`` argument arrives as ``1.0``), ``bool`` a C
+    truth value, and ``str``, ``bytes``, ``list``, ``dict`` and ``tuple`` accept their exact
+    type only (no ``StrEnum`` member, no ``bytearray``, no named tuple). An extension class of
+    the gateway (``C``, ``C | None``, ``Optional[C]``) stays: the argument is checked once and
+    its slots are struct fields from then on (ADR 16). Lines keep their numbers, so tracebacks
+    point at the real source.
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return source  # Cython reports it, with its file and line
+    known = {node.name for node, _base, _slots in _eligible(tree)}
+    known |= set(_imported_classes(tree, module, others or {}))
+    spans: list[ast.expr] = []
+    seen: set[int] = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        a = node.args
+        for arg in (*a.posonlyargs, *a.args, *a.kwonlyargs):
+            if arg.annotation is not None and _class_name(arg.annotation) not in known:
+                spans.append(arg.annotation)
+        for star in (a.vararg, a.kwarg):  # the annotation is the elements' type
+            if star is not None and star.annotation is not None:
+                spans.append(star.annotation)
+        # A return type would only add a check on the way out; on a coroutine Cython 3.3
+        # writes C that gcc warns about (a typed pointer stored in a PyObject *).
+        if node.returns is not None:
+            spans.append(node.returns)
+        for inner in ast.walk(node):
+            if (
+                isinstance(inner, ast.AnnAssign)
+                and id(inner) not in seen
+                and _class_name(inner.annotation) not in known
+            ):
+                seen.add(id(inner))
+                spans.append(inner.annotation)
+    lines = source.encode("utf-8").splitlines(keepends=True)
+    for ann in sorted(spans, key=lambda n: (n.lineno, n.col_offset), reverse=True):
+        assert ann.end_lineno is not None and ann.end_col_offset is not None
+        first, last = ann.lineno - 1, ann.end_lineno - 1
+        # ast's columns count UTF-8 bytes; a multi-line annotation leaves continuation lines.
+        joined = b"object" + b" \\\n" * (last - first)
+        lines[first : last + 1] = [
+            lines[first][: ann.col_offset] + joined + lines[last][ann.end_col_offset :]
+        ]
+    return b"".join(lines).decode("utf-8")
+
+
+def _eligible(tree: ast.Module) -> list[tuple[ast.ClassDef, str | None, list[str]]]:
+    declared: set[str] = set()
+    found = []
     for node in tree.body:
         if not isinstance(node, ast.ClassDef) or node.decorator_list or node.keywords:
             continue
@@ -279,19 +451,83 @@ def cdef_declarations(source: str) -> str:
         if slots is None:
             continue
         declared.add(node.name)
-        base = next((b for b in bases if b != "object"), None)
-        out.append(f"cdef class {node.name}({base}):" if base else f"cdef class {node.name}:")
-        fields = [n for n in slots if n not in ("__weakref__", "__dict__")]
-        if "__weakref__" in slots:
-            out.append("    cdef object __weakref__")
-        if "__dict__" in slots:
-            out.append("    cdef dict __dict__")
-        if fields:
-            out.append(f"    cdef public object {', '.join(fields)}")
-        elif "__weakref__" not in slots and "__dict__" not in slots:
-            out.append("    pass")
-        out.append("")
-    return "\n".join(out)
+        found.append((node, next((b for b in bases if b != "object"), None), slots))
+    return found
+
+
+def _imported_classes(
+    tree: ast.Module, module: str, others: Mapping[str, Sequence[str]]
+) -> dict[str, tuple[str, str, str]]:
+    """Local name -> (module, class, local name) for ``from m import C [as L]`` anywhere in the
+    module (``if TYPE_CHECKING:`` too) where C is an extension class of another module."""
+    found = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == module:
+                continue
+            for alias in node.names:
+                if alias.name in others.get(node.module, ()):
+                    local = alias.asname or alias.name
+                    found[local] = (node.module, alias.name, local)
+    return found
+
+
+def _class_name(annotation: ast.expr | None) -> str | None:
+    """``C``, ``C | None``, ``Optional[C]`` or any of them quoted: C; otherwise None."""
+    if isinstance(annotation, ast.Constant) and isinstance(annotation.value, str):
+        try:
+            annotation = ast.parse(annotation.value, mode="eval").body
+        except SyntaxError:
+            return None
+    if isinstance(annotation, ast.Name):
+        return annotation.id
+    if isinstance(annotation, ast.BinOp) and isinstance(annotation.op, ast.BitOr):
+        sides = [annotation.left, annotation.right]
+        names = [s for s in sides if not (isinstance(s, ast.Constant) and s.value is None)]
+        return _class_name(names[0]) if len(names) == 1 else None
+    if (
+        isinstance(annotation, ast.Subscript)
+        and isinstance(annotation.value, ast.Name)
+        and annotation.value.id == "Optional"
+    ):
+        return _class_name(annotation.slice)
+    return None
+
+
+def _slot_types(node: ast.ClassDef, slots: set[str]) -> dict[str, str]:
+    """Slot -> the class name its ``__init__`` gives it (by annotation or from a parameter)."""
+    init = next(
+        (f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == "__init__"), None
+    )
+    if init is None:
+        return {}
+    params = {
+        a.arg: _class_name(a.annotation)
+        for a in [*init.args.posonlyargs, *init.args.args, *init.args.kwonlyargs]
+    }
+    types: dict[str, str] = {}
+    conflicting: set[str] = set()
+    for statement in ast.walk(init):
+        target: ast.expr | None = None
+        name: str | None = None
+        if isinstance(statement, ast.AnnAssign):
+            target, name = statement.target, _class_name(statement.annotation)
+        elif isinstance(statement, ast.Assign) and len(statement.targets) == 1:
+            target = statement.targets[0]
+            value = statement.value
+            name = params.get(value.id) if isinstance(value, ast.Name) else None
+        if not (
+            isinstance(target, ast.Attribute)
+            and isinstance(target.value, ast.Name)
+            and target.value.id == "self"
+            and target.attr in slots
+        ):
+            continue
+        if name is None:
+            continue
+        if types.setdefault(target.attr, name) != name:
+            conflicting.add(target.attr)
+    return {k: v for k, v in types.items() if k not in conflicting}
 
 
 def _slots(node: ast.ClassDef) -> list[str] | None:
@@ -319,7 +555,7 @@ def _slots(node: ast.ClassDef) -> list[str] | None:
     return None
 
 
-def _cythonize(source: Any, tmp: str) -> Any:
+def _cythonize(source: Any, tmp: str, original: Path) -> Any:
     """Python to C for one module, in a worker process: the Extension on C, or None."""
     from Cython.Build import cythonize as untyped
     from Cython.Compiler.Errors import CompileError
@@ -335,7 +571,13 @@ def _cythonize(source: Any, tmp: str) -> Any:
             force=True,
         )[0]
     except CompileError:
-        return None  # Cython printed the error with its file and line
+        # Cython printed the error with its file and line; a typed text has the same lines.
+        if Path(source.sources[0]) != original:
+            print(
+                f"({source.sources[0]} is {original} as compiled: the lines are the same)",
+                file=sys.stderr,
+            )
+        return None
 
 
 class BuildError(Exception):

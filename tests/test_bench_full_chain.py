@@ -17,7 +17,6 @@ from typing import cast
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
 
 from bench.campaign import SATURATION, Measurement
 from bench.configurations import BY_NAME, GATEWAY_FULL, NGINX, NGINX_LIMIT_REQ, Environment
@@ -29,6 +28,7 @@ from bench.report import derive, summarize_phase
 from bench.wrk import Load, WrkResult
 from cityplane.schema import CityService
 from gateway.exchange import Exchange
+from gateway.h1server import detached_request
 from gateway.jwks import TokenVerifier
 from gateway.policies.auth import AuthPolicy
 
@@ -95,7 +95,7 @@ async def test_full_chain_route_lets_the_bench_token_through_its_auth_policy(
     env = cast(Environment, SimpleNamespace(issuer=served_issuer))
     headers = BY_NAME[GATEWAY_FULL].request_headers(env)
     exchange = Exchange(
-        make_mocked_request("GET", "/", headers=headers),
+        detached_request("GET", "/", headers=headers),
         client_ip="127.0.0.1",
         path="/",
         route_id="bench-upstream/all",

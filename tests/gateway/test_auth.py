@@ -28,7 +28,6 @@ import jwt
 import pytest
 import yaml
 from aiohttp import ClientSession, web
-from aiohttp.test_utils import make_mocked_request
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
@@ -36,6 +35,7 @@ from multidict import CIMultiDict
 
 from cityplane.schema import Auth
 from gateway.exchange import Exchange
+from gateway.h1server import detached_request
 from gateway.jwks import LEEWAY, TokenVerifier, refresh_interval
 from gateway.policies.auth import AuthPolicy
 from tests.conftest import Upstream, problem, service
@@ -768,7 +768,7 @@ async def test_extra_spaces_after_bearer_still_use_the_verified_token_cache(
     token = hub.token()
     await v.verify(token)
     for header in (f"Bearer {token}", f"Bearer  {token}", f"bearer   {token}"):
-        request = make_mocked_request("GET", "/bus/x", headers={"Authorization": header})
+        request = detached_request("GET", "/bus/x", headers={"Authorization": header})
         exchange = Exchange(
             request, client_ip="127.0.0.1", path="/bus/x", route_id="r", request_id="1", start=0.0
         )
@@ -784,7 +784,7 @@ async def test_cached_token_check_costs_under_fifty_microseconds(
     policy = AuthPolicy("bus-times/read", Auth(scopes=["bus:read"], minTrustLevel=2, maxAge=600), v)
     token = hub.token()
     await v.verify(token)
-    request = make_mocked_request("GET", "/bus/x", headers=bearer(token))
+    request = detached_request("GET", "/bus/x", headers=bearer(token))
     exchange = Exchange(
         request, client_ip="127.0.0.1", path="/bus/x", route_id="r", request_id="1", start=0.0
     )

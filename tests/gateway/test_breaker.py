@@ -352,19 +352,28 @@ async def test_an_inline_attempt_or_resume_dropped_by_the_client_frees_its_trial
 ) -> None:
     # The permit stays referenced here, so BreakerPermit.__del__ cannot free the slot: only
     # the attempt's own abandon() can (a mutation that drops it fails this test).
-    from gateway.upstream.cluster import InlineAttempt, Resume
+    from gateway.upstream.client import HostPool
+    from gateway.upstream.cluster import InlineAttempt, Resume, UpstreamCluster
+    from gateway.upstream.http1 import Http1Connection
+    from gateway.upstream.target import TargetState
 
-    class Cluster:
-        active_requests = 1
+    target = TargetState(service, "http://127.0.0.1:9", 1)
 
-    class Pool:
-        abandoned: list[object] = []
+    # Subclasses without the real set-up: the compiled attempt's slots take only these types.
+    class Cluster(UpstreamCluster):
+        def __init__(self) -> None:
+            self.active_requests = 1
+
+    class Pool(HostPool):
+        def __init__(self) -> None:
+            self.abandoned: list[object] = []
 
         def inline_abandoned(self, conn: object) -> None:
             self.abandoned.append(conn)
 
+    conn = Http1Connection(Pool(), asyncio.get_running_loop())
     for make in (
-        lambda permit: InlineAttempt(Cluster(), None, permit, Pool(), "conn", "GET", None),  # type: ignore[arg-type]
+        lambda permit: InlineAttempt(Cluster(), target, permit, Pool(), conn, "GET", None),
         lambda permit: Resume(0, redo=(None, permit)),  # type: ignore[arg-type]
     ):
         breaker = UpstreamBreaker(service, spec(threshold=1, reset=0.2))

@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import make_mocked_request
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -31,6 +30,7 @@ from redis.backoff import NoBackoff
 from cityplane.problem import Problem
 from cityplane.schema import RateLimit
 from gateway.exchange import Exchange
+from gateway.h1server import detached_request
 from gateway.policies import ratelimit
 from gateway.policies.ratelimit import MAX_KEY_PART, RateLimitPolicy
 from gateway.policies.ratelimit_redis import RedisStore
@@ -64,7 +64,7 @@ def make_exchange(
     headers: dict[str, str] | None = None,
     route_id: str = "bus-times/read",
 ) -> Exchange:
-    request = make_mocked_request("GET", "/bus/42", headers=headers or {})
+    request = detached_request("GET", "/bus/42", headers=headers or {})
     exchange = Exchange(
         request,
         client_ip=client_ip,

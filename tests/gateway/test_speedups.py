@@ -8,6 +8,7 @@ after `make build`) cannot pass while testing the Python sources only.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.util
 import json
@@ -27,6 +28,7 @@ from gateway.speedups import (
     BuildError,
     CompiledTree,
     Verdict,
+    interfaces_key,
 )
 
 SOURCES = {
@@ -66,6 +68,7 @@ def _built(base: Path, cython: str = "3.3.1") -> CompiledTree:
         "cython": cython,
         "directives": DIRECTIVES,
         "declarations": DECLARATIONS,
+        "interfaces": interfaces_key(tree.declarations()),
         "modules": hashes,
     }
     tree.manifest_path.write_text(json.dumps(manifest))
@@ -286,6 +289,218 @@ def test_a_compiled_slotted_class_is_an_extension_type_that_behaves_as_before(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["False False", "1 2 x 1 3 True", "no other attribute", "-1"]
+
+
+TYPED = """\
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from pkg.other import Remote as Far
+
+
+class Node:
+    __slots__ = ("after", "before", "far", "label", "maybe", "quoted", "spare", "twice")
+
+    def __init__(self, before: Node | None, far: Far, label: str, twice: Node) -> None:
+        self.before = before
+        self.far = far
+        self.label = label  # a builtin: stays an object (no exact-type check, no coercion)
+        self.after: Later | None = None
+        self.maybe: Optional[Later] = None
+        self.quoted: "Node | None" = None
+        self.twice = twice
+        if label:
+            self.twice = label  # two different types: stays an object
+        self.spare = None
+
+
+class Later:
+    __slots__ = ("node",)
+"""
+
+
+def test_slots_set_from_extension_class_annotations_are_declared_with_that_type() -> None:
+    from gateway.speedups import cdef_declarations, extension_classes
+
+    assert extension_classes(TYPED) == ["Node", "Later"]
+    others = {"pkg.other": ["Remote"], "pkg.typed": ["Node", "Later"]}
+    assert cdef_declarations(TYPED, "pkg.typed", others) == (
+        "from pkg.other cimport Remote as Far\n"
+        "cdef class Later\n"
+        "\n"
+        "cdef class Node:\n"
+        "    cdef public Later after\n"
+        "    cdef public Node before\n"
+        "    cdef public Far far\n"
+        "    cdef public Later maybe\n"
+        "    cdef public Node quoted\n"
+        "    cdef public object label, spare, twice\n"
+        "\n"
+        "cdef class Later:\n"
+        "    cdef public object node\n"
+    )
+    # Without the other module's classes, its name is just a name: an object slot.
+    assert "cdef public object far," in cdef_declarations(TYPED, "pkg.typed", {})
+
+
+ANNOTATED = """\
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from pkg.other import Remote
+
+
+@dataclasses.dataclass
+class Plain:
+    when: float  # a class body's annotations are the dataclass's fields: untouched
+
+
+class Node:
+    __slots__ = ("next",)
+
+    def __init__(self, next: Node | None, remote: Remote, n: float, *rest: Node, **kw: str) -> None:
+        self.next: Optional[Node] = next
+        count: int = 0
+        here: "Node" = self
+        table: dict[
+            str,  # a comment inside the annotation
+            int,
+        ] = {}
+
+
+async def fetch(node: Node, label: str = "x") -> Node:
+    return node
+"""
+
+
+def test_the_typed_source_keeps_extension_class_annotations_and_hides_the_others() -> None:
+    from gateway.speedups import typed_source
+
+    others = {"pkg.other": ["Remote"]}
+    typed = typed_source(ANNOTATED, "pkg.typed", others)
+    assert typed.count("\n") == ANNOTATED.count("\n")  # tracebacks keep their lines
+    assert ast.dump(ast.parse(typed)) != ast.dump(ast.parse(ANNOTATED))
+    lines = typed.splitlines()
+    assert (
+        "    when: float  # a class body's annotations are the dataclass's fields: untouched"
+        in lines
+    )
+    assert (
+        "    def __init__(self, next: Node | None, remote: Remote, n: object, *rest: object,"
+        " **kw: object) -> object:"
+    ) in lines
+    assert "        self.next: Optional[Node] = next" in lines
+    assert "        count: object = 0" in lines
+    assert '        here: "Node" = self' in lines
+    assert "        table: object \\" in lines
+    assert 'async def fetch(node: Node, label: object = "x") -> object:' in lines
+    # Without the other module's classes, Remote is just a name: a hint.
+    assert "remote: object" in typed_source(ANNOTATED, "pkg.typed", {})
+    assert typed_source("def broken(:\n", "pkg.x", {}) == "def broken(:\n"
+    assert typed_source("def f(x):\n    return x\n", "pkg.x", {}) == "def f(x):\n    return x\n"
+
+
+TWO_MODULES = {
+    "pkg.a": (
+        "class Leaf:\n"
+        "    __slots__ = ('value',)\n"
+        "\n"
+        "    def __init__(self, value):\n"
+        "        self.value = value\n"
+    ),
+    "pkg.b": (
+        "from __future__ import annotations\n"
+        "from pkg.a import Leaf\n"
+        "\n"
+        "class Holder:\n"
+        "    __slots__ = ('leaf',)\n"
+        "\n"
+        "    def __init__(self, leaf: Leaf | None) -> None:\n"
+        "        self.leaf = leaf\n"
+        "\n"
+        "    def read(self):\n"
+        "        return self.leaf.value\n"
+        "\n"
+        "def kinds(x: float, s: str, flag: bool, items: list[int]) -> tuple[str, ...]:\n"
+        "    return type(x).__name__, type(s).__name__, repr(flag), type(items).__name__\n"
+        "\n"
+        "def value(leaf: Leaf) -> object:\n"
+        "    return leaf.value\n"
+        "\n"
+        "def maybe(leaf: Leaf | None) -> object:\n"
+        "    return leaf.value\n"
+    ),
+}
+
+
+@pytest.mark.skipif(not HAS_CYTHON, reason="Cython is not installed")
+def test_a_typed_slot_takes_its_class_subclasses_and_none_and_refuses_other_objects(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    tree = CompiledTree(tmp_path, list(TWO_MODULES))
+    for module, text in TWO_MODULES.items():
+        tree.source(module).write_text(text)
+    assert " compiled 2 of 2 " in tree.build(jobs=2)
+    program = (
+        "import sys; from pathlib import Path\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import pkg\n"
+        "from gateway.speedups import CompiledTree\n"
+        f"modules = {list(TWO_MODULES)!r}\n"
+        f"CompiledTree(Path({str(tmp_path)!r}), modules).activate('pkg', pkg.__path__)\n"
+        "from pkg.a import Leaf\n"
+        "from pkg.b import Holder\n"
+        "class Sub(Leaf):\n    pass\n"
+        "print(Holder(Leaf(1)).read(), Holder(Sub(2)).read(), Holder(None).leaf)\n"
+        "try:\n    Holder(object())\nexcept TypeError:\n    print('refused')\n"
+        "from pkg import b\n"
+        "class S(str):\n    pass\n"
+        "class L(list):\n    pass\n"
+        "print(*b.kinds(1, S('x'), 1, L()))  # builtin annotations stay hints\n"
+        "print(b.value(Sub(3)), b.maybe(Leaf(4)))\n"
+        "for call in (lambda: b.value(None), lambda: b.maybe(None), Holder(None).read):\n"
+        "    try:\n        call()\n"
+        "    except (TypeError, AttributeError) as exc:\n"
+        "        print(type(exc).__name__)  # None is an error, never a crash\n"
+    )
+
+    def run() -> list[str]:
+        done = subprocess.run(
+            [sys.executable, "-c", program],
+            cwd=GATEWAY.base,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    answers = [
+        "1 2 None",
+        "refused",
+        "int S 1 L",
+        "3 4",
+        "TypeError",
+        "AttributeError",
+        "AttributeError",
+    ]
+    assert run() == answers
+    # A new slot in pkg.a changes Leaf's layout, which pkg.b's C reads: both are rebuilt.
+    tree.source("pkg.a").write_text(
+        TWO_MODULES["pkg.a"].replace("('value',)", "('extra', 'value')")
+    )
+    assert " compiled 2 of 2 " in CompiledTree(tmp_path, list(TWO_MODULES)).build(jobs=2)
+    assert run() == answers
+    # A change that keeps every declaration rebuilds only its own module.
+    tree.source("pkg.b").write_text(TWO_MODULES["pkg.b"] + "\n\nANSWER = 42\n")
+    assert " compiled 1 of 2 " in CompiledTree(tmp_path, list(TWO_MODULES)).build(jobs=2)
 
 
 @pytest.mark.skipif(not HAS_CYTHON, reason="Cython is not installed")

@@ -45,14 +45,19 @@ async def test_invalid_spec_gets_ready_false_with_what_is_wrong_and_recovers_whe
     assert "give either replicas or autoscaling, not both" in ready["message"]
     assert kube.stored("apps/v1/deployments", NS, NAME) is None
     assert hub.clients == {}
-    warnings = [
-        obj.raw
-        for (resource, ns, _), obj in kube.objects.items()
-        if resource.plural == "events"
-        and not obj.deleted
-        and obj.raw.get("reason") == "InvalidSpec"
-    ]
-    assert warnings and warnings[0]["type"] == "Warning"
+
+    def invalid_spec_events() -> list[dict[str, Any]]:
+        return [
+            obj.raw
+            for (resource, ns, _), obj in kube.objects.items()
+            if resource.plural == "events"
+            and not obj.deleted
+            and obj.raw.get("reason") == "InvalidSpec"
+        ]
+
+    # kopf posts the event after the status patch, from its own task: it may come a little later.
+    warnings = await eventually(invalid_spec_events, what="the InvalidSpec event")
+    assert warnings[0]["type"] == "Warning"
 
     await patch(kube, {"spec": {"replicas": None}})
     await registered(kube)
