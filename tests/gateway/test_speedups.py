@@ -168,6 +168,21 @@ def test_build_is_skipped_while_the_manifest_matches_every_source(tmp_path: Path
     assert tree.out_of_date(None) == ["pkg.a", "pkg.sub.b"]
 
 
+def _python(program: str, env: dict[str, str] | None = None) -> list[str]:
+    """Run ``program`` in a fresh interpreter from the repository; its stdout lines (it must
+    exit 0: its stderr is the failure message)."""
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        cwd=GATEWAY.base,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
 def _import_from_tree(base: Path) -> list[str]:
     """In a fresh interpreter: activate the tree, import both modules, call them."""
     program = (
@@ -180,15 +195,7 @@ def _import_from_tree(base: Path) -> list[str]:
         "import pkg.a, pkg.sub.b\n"
         "print(pkg.a.__file__, pkg.sub.b.__file__, pkg.sub.b.twice())\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", program],
-        cwd=GATEWAY.base,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return done.stdout.split()
+    return " ".join(_python(program)).split()
 
 
 SLOTTED = """\
@@ -280,15 +287,7 @@ def test_a_compiled_slotted_class_is_an_extension_type_that_behaves_as_before(
         "    def bump(self):\n        return -1\n"
         "print(Sub('y').bump())\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", program],
-        cwd=GATEWAY.base,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == ["False False", "1 2 x 1 3 True", "no other attribute", "-1"]
+    assert _python(program) == ["False False", "1 2 x 1 3 True", "no other attribute", "-1"]
 
 
 TYPED = """\
@@ -471,17 +470,6 @@ def test_a_typed_slot_takes_its_class_subclasses_and_none_and_refuses_other_obje
         "        print(type(exc).__name__)  # None is an error, never a crash\n"
     )
 
-    def run() -> list[str]:
-        done = subprocess.run(
-            [sys.executable, "-c", program],
-            cwd=GATEWAY.base,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
-        return done.stdout.splitlines()
-
     answers = [
         "1 2 None",
         "refused",
@@ -491,13 +479,13 @@ def test_a_typed_slot_takes_its_class_subclasses_and_none_and_refuses_other_obje
         "AttributeError",
         "AttributeError",
     ]
-    assert run() == answers
+    assert _python(program) == answers
     # A new slot in pkg.a changes Leaf's layout, which pkg.b's C reads: both are rebuilt.
     tree.source("pkg.a").write_text(
         TWO_MODULES["pkg.a"].replace("('value',)", "('extra', 'value')")
     )
     assert " compiled 2 of 2 " in CompiledTree(tmp_path, list(TWO_MODULES)).build(jobs=2)
-    assert run() == answers
+    assert _python(program) == answers
     # A change that keeps every declaration rebuilds only its own module.
     tree.source("pkg.b").write_text(TWO_MODULES["pkg.b"] + "\n\nANSWER = 42\n")
     assert " compiled 1 of 2 " in CompiledTree(tmp_path, list(TWO_MODULES)).build(jobs=2)
