@@ -834,3 +834,19 @@ async def test_store_built_from_url_fails_fast_and_closes_its_client() -> None:
             await store.hit("k", 5, 1.0)
     assert time.perf_counter() - started < 0.5
     await store.close()
+
+
+def test_the_batch_command_is_the_one_redis_py_would_pack() -> None:
+    from redis.asyncio.connection import Connection
+
+    from gateway.policies.ratelimit_redis import _HIT
+
+    store = RedisStore(fast_client(free_port()), prefix="t:")
+    keys = ["t:ip:203.0.113.7:1", "t:consumer:bus-\u00e4pp:1", "t:ip:203.0.113.7:1"]
+    args = [5, 1_000_000, 5, 1_000_000, 10_000_000, -1]
+    expected = b"".join(Connection().pack_command("EVALSHA", _HIT.sha, len(keys), *keys, *args))
+    assert store._evalsha(keys, args) == expected
+    assert store._evalsha(keys, args) == expected  # from the cached bulk strings
+    for i in range(10_500):  # one per client: the cache stays bounded
+        store._evalsha([f"t:ip:{i}"], [5, 1])
+    assert len(store._chunks) <= 10_000
