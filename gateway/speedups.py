@@ -53,8 +53,9 @@ MODULES = (
     "gateway.upstream.target",
     "gateway.upstream.health",
 )
-# The directives the gain was measured with: the sources compile as they are, and annotations
-# stay hints (typed as C they would turn a wrong type at runtime into a TypeError).
+# The directives the gain was measured with. Annotations are types only where `typed_source`
+# leaves them, the gateway's extension classes (ADR 17); `nonecheck` makes None in a typed
+# variable an AttributeError, as in the sources, instead of a read of None's memory.
 DIRECTIVES: dict[str, Any] = {
     "language_level": 3,
     "annotation_typing": True,
