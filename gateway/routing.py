@@ -77,7 +77,7 @@ def prefix_key(prefix: str) -> str:
 
 
 class _Choice:
-    """The routes of one path key, by method: what a lookup needs and nothing more.
+    """The routes of one path key, by method (the ``pathPrefix: /`` routes of a table).
 
     Routes on one key never share a method (``_PathTable.add`` refuses that), so a dict from
     method to route plus the one catch-all route is the same as scanning the routes in order.
@@ -99,59 +99,32 @@ class _Choice:
         self.allowed = tuple(allowed)  # for 405's Allow when no route here takes the method
 
 
-class _Namespace:
-    """The exact paths and prefixes under one first segment (``/svc-12`` of ``/svc-12/v1/…``)."""
+_NONE: dict[str, CompiledRoute] = {}
 
-    __slots__ = ("exact", "first", "longest", "prefix")
-
-    def __init__(self, first: str) -> None:
-        self.first = len(first)
-        self.exact: dict[str, _Choice] = {}
-        self.prefix: dict[str, _Choice] = {}
-        self.longest = 0  # no prefix here is longer: longer candidates need no probe
-
-    def match(self, path: str, method: str, allowed: list[str]) -> CompiledRoute | None:
-        choice = self.exact.get(path)
-        if choice is not None:
-            found = choice.by_method.get(method) or choice.any_method
-            if found is not None:
-                return found
-            allowed.extend(choice.allowed)
-        if not self.longest:
-            return None
-        probe = path
-        if len(path) > self.longest:
-            # Candidates end before a "/" or at the end of the path; the first that can exist
-            # ends at the last "/" within the longest prefix (never before the first segment).
-            probe = path[: path.rfind("/", 0, self.longest + 1)]
-        prefixes = self.prefix
-        first = self.first
-        while True:
-            choice = prefixes.get(probe)
-            if choice is not None:
-                found = choice.by_method.get(method) or choice.any_method
-                if found is not None:
-                    return found
-                allowed.extend(choice.allowed)
-            if len(probe) <= first:
-                return None
-            probe = probe[: probe.rfind("/")]
+# The key of the routes without ``methods`` in ``_PathTable``'s by-method dicts.
+_ANY = ""
 
 
 class _PathTable:
     """Exact paths and prefixes of one host class.
 
-    Keyed by the first path segment, then one dict probe per candidate prefix: with 10,000
-    routes a probe into one big dict is likely a cache miss, while the namespace of one
-    service is small, and stays in cache when that service is busy (docs/perf.md).
+    The lookup form (``freeze``) is flat: per method (and ``_ANY`` for routes without
+    ``methods``), one dict from exact path to route and one from prefix to route, holding every
+    service's paths. A lookup probes those shared dicts, whose hash tables stay in cache because
+    every request uses them; what is cold per request is the key it hits and the route. Nested
+    per-service objects cost a cache miss each when requests spread over 1,000 services
+    (docs/perf.md, Routing at scale). ``_longest`` maps a first path segment to the longest
+    prefix under it, so a probe starts there and a path under no known segment costs one probe.
     """
 
-    __slots__ = ("_namespaces", "_root", "exact", "prefix")
+    __slots__ = ("_exact", "_longest", "_prefix", "_root", "exact", "prefix")
 
     def __init__(self) -> None:
         self.exact: dict[str, list[CompiledRoute]] = {}
         self.prefix: dict[str, list[CompiledRoute]] = {}
-        self._namespaces: dict[str, _Namespace] = {}
+        self._longest: dict[str, int] = {}
+        self._exact: dict[str, dict[str, CompiledRoute]] = {}
+        self._prefix: dict[str, dict[str, CompiledRoute]] = {}
         self._root: _Choice | None = None  # pathPrefix "/"
 
     def add(self, route: CompiledRoute) -> None:
@@ -172,27 +145,53 @@ class _PathTable:
 
     def freeze(self) -> None:
         """Build the lookup form once every route is in."""
-        spaces = self._namespaces
+        longest = self._longest
         for path, routes in self.exact.items():
-            space = spaces.get(first := _first_segment(path)) or spaces.setdefault(
-                first, _Namespace(first)
-            )
-            space.exact[path] = _Choice(routes)
+            longest.setdefault(_first_segment(path), 0)
+            _index(self._exact, path, routes)
         for path, routes in self.prefix.items():
             if path == "/":
                 self._root = _Choice(routes)
                 continue
-            space = spaces.get(first := _first_segment(path)) or spaces.setdefault(
-                first, _Namespace(first)
-            )
-            space.prefix[path] = _Choice(routes)
-            space.longest = max(space.longest, len(path))
+            first = _first_segment(path)
+            longest[first] = max(longest.get(first, 0), len(path))
+            _index(self._prefix, path, routes)
 
     def match(self, path: str, method: str, allowed: list[str]) -> CompiledRoute | None:
-        cut = path.find("/", 1)
-        space = self._namespaces.get(path if cut < 0 else path[:cut])
-        if space is not None and (found := space.match(path, method, allowed)):
-            return found
+        # ``str(path)`` is ``path`` itself for a str; in the compiled form the result is known
+        # to be a str, so ``find``, slices and ``len`` are direct C calls, not method lookups.
+        # Dicts are read with ``in`` and ``[]`` for the same reason (no ``.get`` lookup).
+        p = str(path)
+        cut = p.find("/", 1)
+        if cut < 0:
+            cut = len(p)
+        first = p[:cut]
+        if first in self._longest:
+            longest = self._longest[first]
+            exact = self._exact
+            if method in exact and p in (table := exact[method]):
+                return table[p]
+            if _ANY in exact and p in (table := exact[_ANY]):
+                return table[p]
+            if longest:
+                probe = p
+                if len(p) > longest:
+                    # Candidates end before a "/" or at the end of the path; the first that can
+                    # exist ends at the last "/" within the longest prefix (never before the
+                    # first segment).
+                    probe = p[: p.rfind("/", 0, longest + 1)]
+                prefixes = self._prefix
+                by_method = prefixes.get(method, _NONE)
+                any_method = prefixes.get(_ANY, _NONE)
+                while True:
+                    if probe in by_method:
+                        return by_method[probe]
+                    if probe in any_method:
+                        return any_method[probe]
+                    if len(probe) <= cut:
+                        break
+                    probe = probe[: probe.rfind("/")]
+            self._allowed(p, method, longest, cut, allowed)
         root = self._root
         if root is not None:
             found = root.by_method.get(method) or root.any_method
@@ -200,6 +199,32 @@ class _PathTable:
                 return found
             allowed.extend(root.allowed)
         return None
+
+    def _allowed(self, path: str, method: str, longest: int, first: int, into: list[str]) -> None:
+        """The methods of the keys that match ``path`` (for 405's Allow); only after a miss."""
+        for other, table in self._exact.items():
+            if other and other != method and path in table:
+                into.append(other)
+        if not longest:
+            return
+        probe = path
+        if len(path) > longest:
+            probe = path[: path.rfind("/", 0, longest + 1)]
+        while True:
+            for other, table in self._prefix.items():
+                if other and other != method and probe in table:
+                    into.append(other)
+            if len(probe) <= first:
+                return
+            probe = probe[: probe.rfind("/")]
+
+
+def _index(
+    into: dict[str, dict[str, CompiledRoute]], path: str, routes: list[CompiledRoute]
+) -> None:
+    for route in routes:
+        for method in route.methods or (_ANY,):
+            into.setdefault(method, {})[path] = route
 
 
 def _first_segment(path: str) -> str:
@@ -232,16 +257,19 @@ class RoutingTable:
 
     def match(self, host: str, path: str, method: str) -> CompiledRoute | MethodNotAllowed | None:
         allowed: list[str] = []
-        if self._exact_hosts or self._wildcards:
-            name = _host_name(host)
-            table = self._exact_hosts.get(name)
-            if table and (found := table.match(path, method, allowed)):
+        exact_hosts = self._exact_hosts
+        wildcards = self._wildcards
+        if exact_hosts or wildcards:
+            name = str(_host_name(host))  # a str to the compiled form: see _PathTable.match
+            if name in exact_hosts and (found := exact_hosts[name].match(path, method, allowed)):
                 return found
-            if self._wildcards:
+            if wildcards:
                 dot = name.find(".")
                 while dot >= 0:
-                    table = self._wildcards.get(name[dot:])
-                    if table and (found := table.match(path, method, allowed)):
+                    suffix = name[dot:]
+                    if suffix in wildcards and (
+                        found := wildcards[suffix].match(path, method, allowed)
+                    ):
                         return found
                     dot = name.find(".", dot + 1)
         found = self._any_host.match(path, method, allowed)
@@ -255,9 +283,9 @@ class RoutingTable:
 
 def _host_name(host: str) -> str:
     """Lower-case host without port; IPv6 literals keep their brackets."""
-    host = host.lower()
-    if host.startswith("["):
-        end = host.find("]")
-        return host[: end + 1] if end > 0 else host
-    colon = host.rfind(":")
-    return host[:colon] if colon >= 0 else host
+    name = str(host).lower()
+    if name.startswith("["):
+        end = name.find("]")
+        return name[: end + 1] if end > 0 else name
+    colon = name.rfind(":")
+    return name[:colon] if colon >= 0 else name

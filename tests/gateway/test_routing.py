@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from gateway.routing import CompiledRoute, MethodNotAllowed, RoutingConflict, RoutingTable
 
@@ -100,3 +102,82 @@ def test_lookup_cost_does_not_depend_on_table_size() -> None:
     many = RoutingTable([route(f"r{i}", f"/svc{i}/api") for i in range(10_000)])
     assert match_name(many, "/svc9999/api/items/1") == "r9999"
     assert match_name(many, "/svc5000/api") == "r5000"
+
+
+# The documented priority, written as plainly as possible: the table must agree with it.
+def reference_match(routes: list[CompiledRoute], host: str, path: str, method: str) -> object:
+    name = host.lower().rsplit(":", 1)[0]
+    classes: list[str | None] = [name]
+    classes += sorted(
+        {r.host for r in routes if r.host and r.host.startswith("*.")},
+        key=len,
+        reverse=True,
+    )
+    classes.append(None)
+    allowed: set[str] = set()
+    for cls in classes:
+        if cls is not None and cls.startswith("*."):
+            if not name.endswith(cls[1:]):
+                continue
+            mine = [r for r in routes if r.host == cls]
+        elif cls is None:
+            mine = [r for r in routes if r.host is None]
+        else:
+            mine = [r for r in routes if r.host == cls]
+        prefixes = sorted(
+            {
+                (False, r.path)
+                for r in mine
+                if not r.exact
+                and (r.path == "/" or path == r.path or path.startswith(r.path + "/"))
+            },
+            key=lambda k: len(k[1]),
+            reverse=True,
+        )
+        for exact, key in [(True, path), *prefixes]:
+            here = [r for r in mine if r.exact == exact and r.path == key]
+            for r in here:
+                if r.methods and method in r.methods:
+                    return r.name
+            for r in here:
+                if r.methods is None:
+                    return r.name
+            for r in here:
+                allowed |= r.methods or set()
+    return ", ".join(sorted(allowed)) if allowed else None
+
+
+_SEGMENTS = st.sampled_from(["a", "b", "ab"])
+_PATHS = st.lists(_SEGMENTS, max_size=3).map(lambda s: "/" + "/".join(s))
+_ROUTES = st.lists(
+    st.tuples(
+        _PATHS,
+        st.booleans(),
+        st.none() | st.sets(st.sampled_from(["GET", "POST", "PUT"]), min_size=1),
+        st.sampled_from([None, None, "a.example", "*.example", "*.a.example"]),
+    ),
+    max_size=8,
+)
+_REQUESTS = st.tuples(
+    st.sampled_from(["a.example", "B.A.Example:8080", "x.b.a.example", "other"]),
+    st.lists(_SEGMENTS, max_size=4).map(lambda s: "/" + "/".join(s))
+    | _PATHS.map(lambda p: p + "/"),
+    st.sampled_from(["GET", "POST", "DELETE"]),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(_ROUTES, st.lists(_REQUESTS, min_size=1, max_size=10))
+def test_table_agrees_with_the_documented_priority(specs: list, requests: list) -> None:
+    routes = [route(f"r{i}", p, exact=e, methods=m, host=h) for i, (p, e, m, h) in enumerate(specs)]
+    try:
+        table = RoutingTable(routes)
+    except RoutingConflict:
+        assume(False)
+    for host, path, method in requests:
+        found = table.match(host, path, method)
+        if isinstance(found, MethodNotAllowed):
+            got: object = found.allowed
+        else:
+            got = found.name if found is not None else None
+        assert got == reference_match(routes, host, path, method), (host, path, method)
