@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping, MutableSequence, Sequence
+from collections.abc import Callable, Collection, Mapping, MutableSequence, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -63,7 +63,7 @@ DIRECTIVES: dict[str, Any] = {
     "nonecheck": True,
 }
 # Version of what `cdef_declarations` and `typed_source` write: a change rebuilds every module.
-DECLARATIONS = 4
+DECLARATIONS = 5
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # this interpreter's ABI
 TAG = SUFFIX.split(".")[1]  # ".cpython-311-x86_64-linux-gnu.so" -> "cpython-311-x86_64-linux-gnu"
 DISABLE = "CITYPLANE_NO_EXTENSIONS"
@@ -343,6 +343,17 @@ def cdef_declarations(
     local = {node.name for node, _base, _slots in classes}
     imported = _imported_classes(tree, module, others or {})
     cimports: set[tuple[str, str, str]] = set()
+    # A method a base or a subclass here defines too stays ``def``: an override of a ``cpdef``
+    # method must repeat its C signature.
+    related = {base for _node, base, _slots in classes if base}
+    related |= {node.name for node, base, _slots in classes if base}
+    seen: set[str] = set()
+    shared: set[str] = set()
+    for node, _base, _slots in classes:
+        if node.name in related:
+            names = {name for name, _params in _cpdef_methods(node)}
+            shared |= seen & names
+            seen |= names
     out: list[str] = []
     defined: set[str] = set()
     forward: list[str] = []
@@ -369,7 +380,16 @@ def cdef_declarations(
                 untyped.append(field)
         if untyped:
             out.append(f"    cdef public object {', '.join(untyped)}")
-        elif not fields and "__weakref__" not in slots and "__dict__" not in slots:
+        methods = [m for m in _cpdef_methods(node, local | set(imported)) if m[0] not in shared]
+        for name, params in methods:
+            for param in params:
+                kind = param.split(" ")[0] if " " in param else None
+                if kind in local and kind not in defined and kind not in forward:
+                    forward.append(kind)
+                elif kind in imported:
+                    cimports.add(imported[kind])
+            out.append(f"    cpdef {name}({', '.join(params)})")
+        if not (fields or methods) and "__weakref__" not in slots and "__dict__" not in slots:
             out.append("    pass")
         out.append("")
     if not out:
@@ -437,6 +457,51 @@ def typed_source(
             lines[first][: ann.col_offset] + joined + lines[last][ann.end_col_offset :]
         ]
     return b"".join(lines).decode("utf-8")
+
+
+_NOT_IN_CPDEF = (
+    ast.Yield,
+    ast.YieldFrom,
+    ast.Await,
+    ast.Lambda,
+    ast.FunctionDef,
+    ast.AsyncFunctionDef,
+    ast.ClassDef,
+    ast.GeneratorExp,
+)
+
+
+def _cpdef_methods(node: ast.ClassDef, known: Collection[str] = ()) -> list[tuple[str, list[str]]]:
+    """The plain methods of a class that can be ``cpdef`` (name, parameters for the .pxd).
+
+    A call ``self.m(...)`` (or on a slot typed with the class) to a ``cpdef`` method is a C
+    call through the class's vtable instead of an attribute lookup and a Python call; Python
+    code still calls it as before, and a Python subclass's override still wins. Left ``def``:
+    special methods, decorated ones, generators and coroutines, methods with ``*args``,
+    ``**kwargs``, keyword-only or positional-only parameters, and methods holding a closure
+    (a nested function, lambda or generator expression), which Cython refuses in ``cpdef``.
+    A parameter annotated with a class in ``known`` is declared with it, as ``typed_source``
+    keeps that annotation.
+    """
+    found = []
+    for f in node.body:
+        if not isinstance(f, ast.FunctionDef) or f.decorator_list:
+            continue
+        if f.name.startswith("__") and f.name.endswith("__"):
+            continue
+        a = f.args
+        if a.posonlyargs or a.vararg or a.kwarg or a.kwonlyargs or not a.args:
+            continue
+        if any(isinstance(n, _NOT_IN_CPDEF) for n in ast.walk(f) if n is not f):
+            continue
+        first_default = len(a.args) - len(a.defaults)
+        params = []
+        for i, p in enumerate(a.args):
+            name = _class_name(p.annotation)
+            typed = f"{name} {p.arg}" if name in known else p.arg
+            params.append(typed + ("=*" if i >= first_default else ""))
+        found.append((f.name, params))
+    return found
 
 
 def _eligible(tree: ast.Module) -> list[tuple[ast.ClassDef, str | None, list[str]]]:

@@ -214,6 +214,14 @@ class Base:
         self.count += 1
         return self.count
 
+    def add(self, step=1):
+        self.count += step
+        return self.count
+
+    def bump_twice(self):
+        self.bump()
+        return self.bump()
+
 
 class Child(Base):
     __slots__ = ("extra",)
@@ -236,6 +244,9 @@ def test_declarations_make_plain_slotted_classes_cdef_classes_with_public_slots(
         "cdef class Base:\n"
         "    cdef object __weakref__\n"
         "    cdef public object count, name\n"
+        "    cpdef bump(self)\n"
+        "    cpdef add(self, step=*)\n"
+        "    cpdef bump_twice(self)\n"
         "\n"
         "cdef class Child(Base):\n"
         "    cdef public object extra\n"
@@ -282,12 +293,92 @@ def test_a_compiled_slotted_class_is_an_extension_type_that_behaves_as_before(
         "print(bool(Base.__flags__ & heap), bool(Child.__flags__ & heap))\n"
         "c = Child('x'); c.extra = 1\n"
         "print(c.bump(), c.bump(), c.name, c.extra, Child.LIMIT, weakref.ref(c)() is c)\n"
+        "print(c.add(), c.add(step=3), c.bump_twice())\n"
         "try:\n    c.other = 1\nexcept AttributeError:\n    print('no other attribute')\n"
         "class Sub(Base):  # a Python subclass may still override a method\n"
         "    def bump(self):\n        return -1\n"
-        "print(Sub('y').bump())\n"
+        "print(Sub('y').bump(), Sub('z').bump_twice())  # also from the C call in bump_twice\n"
     )
-    assert _python(program) == ["False False", "1 2 x 1 3 True", "no other attribute", "-1"]
+    assert _python(program) == [
+        "False False",
+        "1 2 x 1 3 True",
+        "3 6 8",
+        "no other attribute",
+        "-1 -1",
+    ]
+
+
+METHODS = """\
+class Engine:
+    __slots__ = ("part",)
+
+    def __init__(self, part: Part) -> None:
+        self.part = part
+
+    def plain(self, a, b=2):
+        return [x for x in (a, b)]  # a comprehension is no closure
+
+    def typed(self, part: Part, label: str):
+        return part
+
+    @property
+    def decorated(self):
+        return 1
+
+    def __len__(self):
+        return 0
+
+    def generator(self):
+        yield 1
+
+    async def coroutine(self):
+        return 1
+
+    def closure(self):
+        return lambda: self
+
+    def generator_expression(self):
+        return sum(x for x in ())
+
+    def star(self, *args):
+        return args
+
+    def keyword(self, *, key=1):
+        return key
+
+    def overridden(self):
+        return 1
+
+
+class Part:
+    __slots__ = ()
+
+
+class Turbo(Engine):
+    __slots__ = ()
+
+    def overridden(self):
+        return 2
+"""
+
+
+def test_plain_methods_are_declared_cpdef_and_the_others_stay_def() -> None:
+    from gateway.speedups import cdef_declarations
+
+    assert cdef_declarations(METHODS) == (
+        "cdef class Part\n"
+        "\n"
+        "cdef class Engine:\n"
+        "    cdef public Part part\n"
+        "    cpdef plain(self, a, b=*)\n"
+        "    cpdef typed(self, Part part, label)\n"
+        "\n"
+        "cdef class Part:\n"
+        "    pass\n"
+        "\n"
+        "cdef class Turbo(Engine):\n"
+        "    pass\n"
+    )
 
 
 TYPED = """\
