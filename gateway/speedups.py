@@ -344,14 +344,17 @@ def cdef_declarations(
     imported = _imported_classes(tree, module, others or {})
     cimports: set[tuple[str, str, str]] = set()
     # A method a base or a subclass here defines too stays ``def``: an override of a ``cpdef``
-    # method must repeat its C signature.
+    # method is ``cpdef`` itself and must repeat its C signature (and Cython refuses one that
+    # holds a closure).
     related = {base for _node, base, _slots in classes if base}
     related |= {node.name for node, base, _slots in classes if base}
     seen: set[str] = set()
     shared: set[str] = set()
     for node, _base, _slots in classes:
         if node.name in related:
-            names = {name for name, _params in _cpdef_methods(node)}
+            names = {
+                f.name for f in node.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+            }
             shared |= seen & names
             seen |= names
     out: list[str] = []

@@ -349,6 +349,9 @@ class Engine:
     def overridden(self):
         return 1
 
+    def overridden_by_a_closure(self):
+        return 1
+
 
 class Part:
     __slots__ = ()
@@ -359,6 +362,9 @@ class Turbo(Engine):
 
     def overridden(self):
         return 2
+
+    def overridden_by_a_closure(self):
+        return (lambda: 2)()
 """
 
 
