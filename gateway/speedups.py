@@ -16,6 +16,7 @@ import hashlib
 import importlib.machinery
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -63,7 +64,7 @@ DIRECTIVES: dict[str, Any] = {
     "nonecheck": True,
 }
 # Version of what `cdef_declarations` and `typed_source` write: a change rebuilds every module.
-DECLARATIONS = 5
+DECLARATIONS = 6
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # this interpreter's ABI
 TAG = SUFFIX.split(".")[1]  # ".cpython-311-x86_64-linux-gnu.so" -> "cpython-311-x86_64-linux-gnu"
 DISABLE = "CITYPLANE_NO_EXTENSIONS"
@@ -395,6 +396,15 @@ def cdef_declarations(
         if not (fields or methods) and "__weakref__" not in slots and "__dict__" not in slots:
             out.append("    pass")
         out.append("")
+    functions = _cpdef_functions(tree, local | set(imported))
+    for name, params in functions:
+        for param in params:
+            kind = param.split(" ")[0] if " " in param else None
+            if kind in imported:
+                cimports.add(imported[kind])
+        out.append(f"cpdef {name}({', '.join(params)})")
+    if functions:
+        out.append("")
     if not out:
         return ""
     head = [
@@ -450,7 +460,12 @@ def typed_source(
             ):
                 seen.add(id(inner))
                 spans.append(inner.annotation)
-    lines = source.encode("utf-8").splitlines(keepends=True)
+    # The bare `*` of a function whose keyword-only parameters the .pxd declares as plain
+    # ones (ADR 19): blanked with spaces, so every column and line stays where it was.
+    raw = source.encode("utf-8")
+    for lo, hi in _keyword_markers(tree, raw):
+        raw = raw[:lo] + b" " * (hi - lo) + raw[hi:]
+    lines = raw.splitlines(keepends=True)
     for ann in sorted(spans, key=lambda n: (n.lineno, n.col_offset), reverse=True):
         assert ann.end_lineno is not None and ann.end_col_offset is not None
         first, last = ann.lineno - 1, ann.end_lineno - 1
@@ -461,6 +476,43 @@ def typed_source(
         ]
     return b"".join(lines).decode("utf-8")
 
+
+# Words a .pxd declaration reads as C types or Cython keywords, not as names.
+_C_WORDS = frozenset(
+    [
+        "bint",
+        "char",
+        "complex",
+        "const",
+        "cdef",
+        "cimport",
+        "cpdef",
+        "ctypedef",
+        "double",
+        "enum",
+        "extern",
+        "float",
+        "gil",
+        "include",
+        "inline",
+        "int",
+        "long",
+        "nogil",
+        "object",
+        "public",
+        "readonly",
+        "short",
+        "signed",
+        "sizeof",
+        "size_t",
+        "struct",
+        "union",
+        "unsigned",
+        "void",
+        "Py_ssize_t",
+        "NULL",
+    ]
+)
 
 _NOT_IN_CPDEF = (
     ast.Yield,
@@ -488,22 +540,106 @@ def _cpdef_methods(node: ast.ClassDef, known: Collection[str] = ()) -> list[tupl
     """
     found = []
     for f in node.body:
-        if not isinstance(f, ast.FunctionDef) or f.decorator_list:
+        if isinstance(f, ast.FunctionDef) and f.args.args:  # a method without self: not ours
+            params = _cpdef_params(f, known)
+            if params is not None:
+                found.append((f.name, params))
+    return found
+
+
+def _cpdef_functions(tree: ast.Module, known: Collection[str] = ()) -> list[tuple[str, list[str]]]:
+    """The module-level functions that can be ``cpdef`` (name, parameters for the .pxd).
+
+    A call from the same module to a ``cpdef`` function is a C call instead of a lookup in the
+    module's globals and a Python call (ADR 19); other modules still import and call it as a
+    Python function. The conditions of `_cpdef_methods` apply, and the name must be bound once
+    in the module (by this ``def``, at the top level, never declared ``global``): the module's
+    own calls no longer see a later rebinding of the name, so none may exist.
+    """
+    bound: dict[str, int] = {}
+    for node in tree.body:
+        for name in _bound_names(node):
+            bound[name] = bound.get(name, 0) + 1
+    rebound = {
+        name for node in ast.walk(tree) if isinstance(node, ast.Global) for name in node.names
+    }
+    found = []
+    for f in tree.body:
+        if not isinstance(f, ast.FunctionDef) or bound.get(f.name) != 1 or f.name in rebound:
             continue
-        if f.name.startswith("__") and f.name.endswith("__"):
+        params = _cpdef_params(f, known)
+        if params is not None:
+            found.append((f.name, params))
+    return found
+
+
+def _bound_names(node: ast.stmt) -> list[str]:
+    """The names a module-level statement binds (nested blocks of ``if``/``try`` included)."""
+    names = []
+    for inner in ast.walk(node):
+        if isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.append(inner.name)
+        elif isinstance(inner, ast.Name) and isinstance(inner.ctx, (ast.Store, ast.Del)):
+            names.append(inner.id)
+        elif isinstance(inner, ast.alias):
+            names.append((inner.asname or inner.name).split(".")[0])
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        # What the body binds is local to it; only the name itself is the module's.
+        return [node.name]
+    return names
+
+
+def _cpdef_params(f: ast.FunctionDef, known: Collection[str]) -> list[str] | None:
+    """A function's parameters as a ``cpdef`` declaration, or None if it must stay ``def``.
+
+    Keyword-only parameters are declared after the others, as if the bare ``*`` were not
+    there (a ``.pxd`` cannot say keyword-only): `typed_source` removes that ``*`` from what
+    Cython compiles (ADR 19). That needs at least one other parameter before the ``*`` and,
+    once a parameter has a default, a default for every one after it.
+    """
+    if f.decorator_list or (f.name.startswith("__") and f.name.endswith("__")):
+        return None
+    a = f.args
+    if a.posonlyargs or a.vararg or a.kwarg or (a.kwonlyargs and not a.args):
+        return None
+    every = [*a.args, *a.kwonlyargs]
+    if f.name in _C_WORDS or any(p.arg in _C_WORDS for p in every):
+        return None  # a .pxd would read `cpdef double(...)` as a C type, not a name
+    if any(isinstance(n, _NOT_IN_CPDEF) for n in ast.walk(f) if n is not f):
+        return None
+    defaults = [None] * (len(a.args) - len(a.defaults)) + [*a.defaults, *a.kw_defaults]
+    params = []
+    after_default = False
+    for p, default in zip(every, defaults, strict=True):
+        if default is None and after_default:
+            return None  # `def f(self, a=1, *, b)`: no positional form of it exists
+        after_default = default is not None
+        name = _class_name(p.annotation)
+        typed = f"{name} {p.arg}" if name in known else p.arg
+        params.append(typed + ("=*" if after_default else ""))
+    return params
+
+
+def _keyword_markers(tree: ast.Module, source: bytes) -> list[tuple[int, int]]:
+    """(start, end) byte offsets of each bare ``*,`` of a function `_cpdef_params` accepts."""
+    starts = [0]
+    for line in source.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    found = []
+    for f in ast.walk(tree):
+        if not isinstance(f, ast.FunctionDef) or not f.args.kwonlyargs or f.args.vararg:
+            continue
+        if _cpdef_params(f, ()) is None:
             continue
         a = f.args
-        if a.posonlyargs or a.vararg or a.kwarg or a.kwonlyargs or not a.args:
-            continue
-        if any(isinstance(n, _NOT_IN_CPDEF) for n in ast.walk(f) if n is not f):
-            continue
-        first_default = len(a.args) - len(a.defaults)
-        params = []
-        for i, p in enumerate(a.args):
-            name = _class_name(p.annotation)
-            typed = f"{name} {p.arg}" if name in known else p.arg
-            params.append(typed + ("=*" if i >= first_default else ""))
-        found.append((f.name, params))
+        before = a.defaults[-1] if a.defaults else a.args[-1]
+        assert before.end_lineno is not None and before.end_col_offset is not None
+        lo = starts[before.end_lineno - 1] + before.end_col_offset
+        first = a.kwonlyargs[0]
+        hi = starts[first.lineno - 1] + first.col_offset
+        marker = re.search(rb"\*[ \t]*,", source[lo:hi])
+        if marker is not None:  # there always is one: a syntax tree with kwonlyargs has it
+            found.append((lo + marker.start(), lo + marker.end()))
     return found
 
 

@@ -343,8 +343,11 @@ class Engine:
     def star(self, *args):
         return args
 
-    def keyword(self, *, key=1):
+    def keyword(self, *, key=1):  # keyword-only: declared as a plain one (ADR 19)
         return key
+
+    def keyword_after_default(self, a=1, *, b):  # no positional form of it exists
+        return b
 
     def overridden(self):
         return 1
@@ -378,6 +381,7 @@ def test_plain_methods_are_declared_cpdef_and_the_others_stay_def() -> None:
         "    cdef public Part part\n"
         "    cpdef plain(self, a, b=*)\n"
         "    cpdef typed(self, Part part, label)\n"
+        "    cpdef keyword(self, key=*)\n"
         "\n"
         "cdef class Part:\n"
         "    pass\n"
@@ -385,6 +389,203 @@ def test_plain_methods_are_declared_cpdef_and_the_others_stay_def() -> None:
         "cdef class Turbo(Engine):\n"
         "    pass\n"
     )
+
+
+FUNCTIONS = """\
+import functools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pkg.other import Remote
+
+
+class Box:
+    __slots__ = ("n",)
+
+
+def plain(a, b=2):
+    return [x for x in (a, b)]  # a comprehension is no closure
+
+
+def typed(box: Box, remote: Remote, label: str):
+    return box
+
+
+def no_parameters():
+    return plain(1, b=3)
+
+
+@functools.cache
+def decorated(a):
+    return a
+
+
+def generator():
+    yield 1
+
+
+async def coroutine():
+    return 1
+
+
+def closure():
+    return lambda: 1
+
+
+def star(*args):
+    return args
+
+
+def keyword(*, key=1):
+    return key
+
+
+def keyword_after(a, *, key=1):
+    return key
+
+
+def __getattr__(name):
+    raise AttributeError(name)
+
+
+def rebound():
+    return 1
+
+
+rebound = functools.partial(rebound)
+
+
+def twice():
+    return 1
+
+
+def twice():  # noqa: F811
+    return 2
+
+
+def declared_global():
+    return 1
+
+
+def rebinds():
+    global declared_global
+    declared_global = None
+
+
+def double(a):  # a C type's name in a .pxd
+    return a
+
+
+def c_word(long):
+    return long
+
+
+if TYPE_CHECKING:
+    def nested():
+        return 1
+"""
+
+
+def test_module_functions_are_declared_cpdef_when_their_name_is_bound_once() -> None:
+    from gateway.speedups import cdef_declarations
+
+    assert cdef_declarations(FUNCTIONS, "pkg.f", {"pkg.other": ["Remote"]}) == (
+        "from pkg.other cimport Remote\n"
+        "\n"
+        "cdef class Box:\n"
+        "    cdef public object n\n"
+        "\n"
+        "cpdef plain(a, b=*)\n"
+        "cpdef typed(Box box, Remote remote, label)\n"
+        "cpdef no_parameters()\n"
+        "cpdef keyword_after(a, key=*)\n"
+        "cpdef rebinds()\n"
+    )
+    # A module of functions only gets its declarations too.
+    assert cdef_declarations("def f(a):\n    return g(a)\n\ndef g(a):\n    return a\n") == (
+        "cpdef f(a)\ncpdef g(a)\n"
+    )
+
+
+CALLS = """\
+def times(a, b=2):
+    return a * b
+
+
+def use(a):
+    return times(a), times(a, b=3), times(a, 4), scaled(a, by=2, plus=1), scaled(a, plus=0)
+
+
+def scaled(a, *, plus, by=1):
+    return a * by + plus
+"""
+
+
+@pytest.mark.skipif(not HAS_CYTHON, reason="Cython is not installed")
+def test_a_compiled_module_calls_its_own_functions_in_c_and_python_still_can(
+    tmp_path: Path,
+) -> None:
+    tree = CompiledTree(tmp_path, ["pkg.calls"])
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    tree.source("pkg.calls").write_text(CALLS)
+    assert " compiled 1 of 1 " in tree.build(jobs=1)
+    program = (
+        "import sys; from pathlib import Path\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import pkg\n"
+        "from gateway.speedups import CompiledTree\n"
+        f"CompiledTree(Path({str(tmp_path)!r}), ['pkg.calls']).activate('pkg', pkg.__path__)\n"
+        "import pkg.calls as m\n"
+        "assert 'pkg/calls.py' not in m.__file__\n"
+        "print(m.use(5), m.times(5), m.times(5, b=10), m.times(b=1, a=7))\n"
+        "print(m.scaled(3, plus=1), m.scaled(3, by=3, plus=0))\n"
+        "# The compiled-only difference ADR 19 names: rebinding the module attribute changes\n"
+        "# what other modules call, not the module's own positional calls.\n"
+        "m.times = lambda a, b=2: 'patched'\n"
+        "print(m.use(5)[0], m.use(5)[2])\n"
+    )
+    assert _python(program) == ["(10, 15, 20, 11, 5) 10 50 7", "4 9", "10 20"]
+
+
+def test_the_typed_source_drops_the_keyword_only_marker_of_cpdef_functions_only() -> None:
+    from gateway.speedups import typed_source
+
+    source = (
+        "def start(self, head, *, is_head, deadline=None):\n"
+        "    return head\n"
+        "\n"
+        "def spread(\n"
+        "    self,\n"
+        "    *,\n"
+        "    label='*,',\n"
+        "):\n"
+        "    return label\n"
+        "\n"
+        "def stays(a=1, *, b):\n"
+        "    return b\n"
+        "\n"
+        "def only(*, key):\n"
+        "    return key\n"
+    )
+    typed = typed_source(source)
+    assert typed.splitlines() == [
+        "def start(self, head,    is_head, deadline=None):",
+        "    return head",
+        "",
+        "def spread(",
+        "    self,",
+        "      ",
+        "    label='*,',",
+        "):",
+        "    return label",
+        "",
+        "def stays(a=1, *, b):",
+        "    return b",
+        "",
+        "def only(*, key):",
+        "    return key",
+    ]
 
 
 TYPED = """\
