@@ -155,10 +155,17 @@ def line_head(
     esc = encode_basestring
     seconds, ms = divmod(ts_ms, 1000)
     whole, us = divmod(duration_us, 1000)
+    # Integers as text from tables where the range allows (each str() of an int was ~500
+    # instructions): the second changes once a second, statuses and most durations are small.
+    last = _LAST_SECOND
+    if last[0] != seconds:
+        last[0], last[1] = seconds, str(seconds)
+    code = int(status)
     return (
-        f'{{"ts":{seconds}.{_DECIMALS[ms]},"request_id":{esc(request_id)},'
+        f'{{"ts":{last[1]}.{_DECIMALS[ms]},"request_id":{esc(request_id)},'
         f'"client":{esc(client)},"method":{_METHODS.get(method) or esc(method)},'
-        f'"path":{esc(path)},"status":{int(status)},"duration_ms":{whole}.{_DECIMALS[us]},'
+        f'"path":{esc(path)},"status":{_NUMBERS[code] if 0 <= code < 1000 else code},'
+        f'"duration_ms":{_NUMBERS[whole] if 0 <= whole < 1000 else whole}.{_DECIMALS[us]},'
     )
 
 
@@ -172,3 +179,5 @@ _METHODS = {m: encode_basestring(m) for m in ("GET", "HEAD", "POST", "PUT", "PAT
 _MAX_TAILS = 10_000
 # "007" for 7: a format spec per number cost 1.3k instructions of a line
 _DECIMALS = tuple(f"{n:03d}" for n in range(1000))
+_NUMBERS = tuple(str(n) for n in range(1000))
+_LAST_SECOND: list[Any] = [None, ""]  # the last `ts` second and its text

@@ -157,9 +157,10 @@ class TokenVerifier:
 
     def cached(self, token: str) -> VerifiedToken | None:
         """The hot path: a token verified before and not expired since."""
-        entry = self._verified.get(token)
-        if entry is None:
+        verified = self._verified
+        if token not in verified:  # `in` and [] are C calls compiled; .get() a call by name
             return None
+        entry: VerifiedToken = verified[token]
         if entry.expires_at <= self._clock():
             self._verified.pop(token, None)
             return None

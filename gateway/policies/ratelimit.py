@@ -90,10 +90,11 @@ class RateLimitPolicy:
 
     __slots__ = (
         "_header",
-        "_hit_now",
         "_hit_soon",
+        "_inline_store",
         "_ip_prefix",
         "_key",
+        "_kind",
         "_limit",
         "_lines",
         "_local",
@@ -116,9 +117,8 @@ class RateLimitPolicy:
         self._mode = spec.onStoreError
         self._store = store
         self._local = local
-        self._hit_now: Callable[[str, int, float], Decision] | None = getattr(
-            store, "hit_now", None
-        )
+        # An in-process store decides inline (ADR 14), through LocalStore's C method.
+        self._inline_store: LocalStore | None = store if isinstance(store, LocalStore) else None
         self._hit_soon: Callable[..., None] | None = getattr(store, "hit_soon", None)
         self._policy_header = (
             "RateLimit-Policy",
@@ -139,7 +139,8 @@ class RateLimitPolicy:
             "route": self._route_key,
             "header": self._header_key,
         }
-        self._key = key_of[kind]
+        self._key = key_of[kind]  # for check() and check_soon(); check_now() branches on kind
+        self._kind = kind
         self._header = header
         self._ip_prefix = f"{route_id}|ip:"
 
@@ -170,10 +171,21 @@ class RateLimitPolicy:
 
     def check_now(self, exchange: Exchange) -> bool:
         """Decide without waiting when the store is in-process; ``False`` for Redis."""
-        hit_now = self._hit_now
-        if hit_now is None:
+        store: LocalStore | None = self._inline_store
+        if store is None:
             return False
-        self._answer(exchange, hit_now(self._key(exchange), self._limit, self._window))
+        # The key's method by kind, not through the bound method in _key: each of these is a
+        # C call in the compiled form (ADR 18), a bound method a Python call.
+        kind = self._kind
+        if kind == "ip":
+            key = self._ip_key(exchange)
+        elif kind == "consumer":
+            key = self._consumer_key(exchange)
+        elif kind == "route":
+            key = self._route_key(exchange)
+        else:
+            key = self._header_key(exchange)
+        self._answer(exchange, store.hit_now(key, self._limit, self._window))
         return True
 
     def check_soon(self, exchange: Exchange, then: Callable[[Problem | None], None]) -> bool:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from gateway import metrics
-from gateway.policies.ratelimit_store import _US, Decision, StoreUnavailable
+from gateway.policies.ratelimit_store import _US, Decision, StoreUnavailable, _new_tuple
 
 if TYPE_CHECKING:
     # redis (~20 MB of RSS with its dependencies) is imported only by a gateway that has a
@@ -275,7 +275,7 @@ class RedisStore:
         self._enqueue(key, limit, window, future)
         allowed, remaining, reset_us = await future
         # A script's numbers come back as ints (Redis integer replies), whatever the parser.
-        return Decision(allowed == 1, limit, remaining, reset_us / _US)
+        return _new_tuple(Decision, (allowed == 1, limit, remaining, reset_us / _US))
 
     def hit_soon(
         self, key: str, limit: int, window: float, then: Callable[[Decision | Exception], None]
@@ -345,7 +345,10 @@ class RedisStore:
         for i, (future, reply) in enumerate(zip(futures, replies, strict=True)):
             if not isinstance(future, asyncio.Future):  # hit_soon's callback: a Decision
                 allowed, remaining, reset_us = reply
-                _answer(future, Decision(allowed == 1, args[2 * i], remaining, reset_us / _US))
+                _answer(
+                    future,
+                    _new_tuple(Decision, (allowed == 1, args[2 * i], remaining, reset_us / _US)),
+                )
             elif not future.done():  # its caller may have been cancelled meanwhile
                 future.set_result(reply)
 

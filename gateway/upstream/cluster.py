@@ -250,13 +250,14 @@ class UpstreamCluster:
         target = self.balancer.pick(hash_key, None)
         if target is None:
             raise self._no_target()
-        pool = self._pools[id(target)]
+        # Typed: take_idle_now() and start_inline() are C calls (ADR 17/18).
+        pool: HostPool = self._pools[id(target)]
         base, host = self._meta[id(target)]
         head, _chunked = encode_request_head(
             method, base + target_path, [("Host", host), *headers], body, None, raw_fields
         )
         permit = self._permit()
-        conn = pool.take_idle_now()
+        conn: Http1Connection | None = pool.take_idle_now()
         if conn is None:  # none idle (or they had expired or closed): send() connects
             return Resume(0, redo=(target, permit))
         attempt = InlineAttempt(self, target, permit, pool, conn, method, body)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -58,6 +58,12 @@ def _on_ejection_timer(target: TargetState) -> None:
 
 
 # --- passive ----------------------------------------------------------------------------------
+
+
+def _other_available(peers: Iterable[TargetState], target: TargetState, now: float) -> bool:
+    """Whether a peer other than ``target`` can take requests (outside ``record``, which a
+    generator expression would keep from being a C method, ADR 18)."""
+    return any(p is not target and p.available(now) for p in peers)
 
 
 class PassiveHealth:
@@ -118,7 +124,7 @@ class PassiveHealth:
         target.passive_failures += 1
         if target.passive_failures < self._threshold:
             return
-        if not any(p is not target and p.available(now) for p in self._peers):
+        if not _other_available(self._peers, target, now):
             log.debug("upstream %s of %s: not ejected, no other target", target.url, self.service)
             return
         self._eject(target, now)

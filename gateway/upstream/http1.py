@@ -16,7 +16,7 @@ from typing import Protocol, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
-from gateway.outbox import outbox
+from gateway.outbox import Outbox, outbox
 
 __all__ = [
     "Http1Connection",
@@ -165,6 +165,12 @@ class UpstreamResponse:
             conn._release()
 
 
+def _wake(waiter: asyncio.Future[None] | None) -> None:
+    """Resolve a waiter if there is one (the task driver's; inline exchanges have none)."""
+    if waiter is not None and not waiter.done():
+        waiter.set_result(None)
+
+
 class Http1Connection:
     """One keep-alive connection to an upstream; used by one request at a time.
 
@@ -194,6 +200,7 @@ class Http1Connection:
         "_loop",
         "_lost",
         "_on_ready",
+        "_outbox",
         "_owner",
         "_parser",
         "_phase",
@@ -222,6 +229,7 @@ class Http1Connection:
     def __init__(self, owner: ConnectionOwner, loop: asyncio.AbstractEventLoop) -> None:
         self._owner = owner
         self._loop = loop
+        self._outbox: Outbox = outbox(loop)  # typed: hold() is a C call (ADR 17/18)
         self._transport: asyncio.Transport | None = None
         self._parser = HttpResponseParser(self)
         self._lost = False
@@ -308,14 +316,14 @@ class Http1Connection:
                         request_sent=True,
                     )
                 )
-        self._wake(self._drain_waiter)
+        _wake(self._drain_waiter)
 
     def pause_writing(self) -> None:
         self._write_paused = True
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        self._wake(self._drain_waiter)
+        _wake(self._drain_waiter)
 
     def data_received(self, data: bytes) -> None:
         phase = self._phase
@@ -397,7 +405,7 @@ class Http1Connection:
             # not read the rest, so the connection's state is unknown afterwards. A write
             # blocked on flow control stops waiting (see _pump_body).
             self._reusable = False
-            self._wake(self._drain_waiter)
+            _wake(self._drain_waiter)
         self._response = UpstreamResponse(
             status,
             self._reason.decode("latin-1"),
@@ -410,7 +418,7 @@ class Http1Connection:
         self._phase = _BODY
         if no_body:
             self._complete()
-        self._wake(self._head_waiter)
+        _wake(self._head_waiter)
 
     def on_body(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -419,7 +427,7 @@ class Http1Connection:
             self._read_paused = True
             if self._transport is not None:
                 self._transport.pause_reading()
-        self._wake(self._body_waiter)
+        _wake(self._body_waiter)
 
     def on_message_complete(self) -> None:
         if self._phase == _BODY:
@@ -487,14 +495,9 @@ class Http1Connection:
 
     # -- exchange state -----------------------------------------------------------------------
 
-    @staticmethod
-    def _wake(waiter: asyncio.Future[None] | None) -> None:
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     def _complete(self) -> None:
         self._phase = _DONE  # the timer, if armed, finds nothing to do when it fires
-        self._wake(self._body_waiter)
+        _wake(self._body_waiter)
 
     def _fail(self, exc: UpstreamError) -> None:
         if self._exc is None:
@@ -508,9 +511,9 @@ class Http1Connection:
             timer.cancel()
         if self._transport is not None and not self._lost:
             self._transport.abort()
-        self._wake(self._head_waiter)
-        self._wake(self._body_waiter)
-        self._wake(self._drain_waiter)
+        _wake(self._head_waiter)
+        _wake(self._body_waiter)
+        _wake(self._drain_waiter)
         task = self._sending_task
         if task is not None:
             # The request body iterable is waiting on the downstream client; the exchange is
@@ -673,7 +676,7 @@ class Http1Connection:
         self._on_ready = on_ready
         # Written with the other writes of this round of callbacks (gateway/outbox.py).
         self._held = (head, body)
-        outbox(self._loop).hold(self)
+        self._outbox.hold(self)
 
     def flush_held(self) -> None:
         held, self._held = self._held, None
