@@ -174,19 +174,20 @@ class RateLimitPolicy:
         store: LocalStore | None = self._inline_store
         if store is None:
             return False
+        self._answer(exchange, store.hit_now(self._key_of(exchange), self._limit, self._window))
+        return True
+
+    def _key_of(self, exchange: Exchange) -> str:
         # The key's method by kind, not through the bound method in _key: each of these is a
         # C call in the compiled form (ADR 18), a bound method a Python call.
         kind = self._kind
         if kind == "ip":
-            key = self._ip_key(exchange)
-        elif kind == "consumer":
-            key = self._consumer_key(exchange)
-        elif kind == "route":
-            key = self._route_key(exchange)
-        else:
-            key = self._header_key(exchange)
-        self._answer(exchange, store.hit_now(key, self._limit, self._window))
-        return True
+            return self._ip_key(exchange)
+        if kind == "consumer":
+            return self._consumer_key(exchange)
+        if kind == "route":
+            return self._route_key(exchange)
+        return self._header_key(exchange)
 
     def check_soon(self, exchange: Exchange, then: Callable[[Problem | None], None]) -> bool:
         """For a request handled without a task (ADR 14), when the store answers through a
@@ -195,23 +196,8 @@ class RateLimitPolicy:
         hit_soon = self._hit_soon
         if hit_soon is None:
             return False
-        key = self._key(exchange)
-
-        def decided(reply: Decision | Exception) -> None:
-            try:
-                if isinstance(reply, StoreUnavailable):
-                    decision = self._unavailable(exchange, key, reply)
-                elif isinstance(reply, Exception):
-                    raise reply
-                else:
-                    decision = reply
-                if decision is not None:
-                    self._answer(exchange, decision)
-            except Problem as problem:
-                then(problem)
-                return
-            then(None)
-
+        key = self._key_of(exchange)
+        decided = _Decided(self, exchange, key, then)
         try:
             hit_soon(key, self._limit, self._window, decided)
         except StoreUnavailable as error:  # known to be down: decided at once
@@ -268,3 +254,39 @@ class RateLimitPolicy:
                 state[0]: state[1],
             },
         )
+
+
+class _Decided:
+    """`RateLimitPolicy.check_soon`'s callback for one request. An object rather than a
+    closure: a closure would keep ``check_soon`` a Python method (ADR 18) and allocate a scope
+    and a function object per request."""
+
+    __slots__ = ("exchange", "key", "policy", "then")
+
+    def __init__(
+        self,
+        policy: RateLimitPolicy,
+        exchange: Exchange,
+        key: str,
+        then: Callable[[Problem | None], None],
+    ) -> None:
+        self.policy = policy
+        self.exchange = exchange
+        self.key = key
+        self.then = then
+
+    def __call__(self, reply: Decision | Exception) -> None:
+        policy = self.policy
+        try:
+            if isinstance(reply, StoreUnavailable):
+                decision = policy._unavailable(self.exchange, self.key, reply)
+            elif isinstance(reply, Exception):
+                raise reply
+            else:
+                decision = reply
+            if decision is not None:
+                policy._answer(self.exchange, decision)
+        except Problem as problem:
+            self.then(problem)
+            return
+        self.then(None)

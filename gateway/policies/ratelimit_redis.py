@@ -18,7 +18,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 from gateway import metrics
-from gateway.policies.ratelimit_store import _US, Decision, StoreUnavailable, _new_tuple
+from gateway.policies.ratelimit_store import (
+    _MAX_WINDOWS,
+    _US,
+    Decision,
+    StoreUnavailable,
+    _new_tuple,
+)
 
 if TYPE_CHECKING:
     # redis (~20 MB of RSS with its dependencies) is imported only by a gateway that has a
@@ -205,6 +211,7 @@ class RedisStore:
         "_probe",
         "_redis",
         "_timeout",
+        "_windows_us",
         "degraded",
         "replica_id",
         "replicas",
@@ -242,6 +249,7 @@ class RedisStore:
         self._flusher: asyncio.Task[None] | None = None
         self._conn: Any = None  # the batches' own connection (_run_hits)
         self._chunks: dict[str | int, bytes] = {}  # RESP bulk strings of keys and numbers
+        self._windows_us: dict[float, int] = {}  # window (seconds) -> microseconds
         self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -296,7 +304,14 @@ class RedisStore:
     ) -> None:
         batch = self._batch
         batch.keys.append(self._prefix + key)
-        batch.args += (limit, max(1, round(window * _US)))
+        windows = self._windows_us  # one round() per window length, not per hit
+        if window in windows:
+            window_us = windows[window]
+        else:
+            window_us = max(1, round(window * _US))
+            if len(windows) < _MAX_WINDOWS:
+                windows[window] = window_us
+        batch.args += (limit, window_us)
         batch.futures.append(waiter)
         if self._flusher is None:
             # The first hit starts the flusher; it runs on the next loop iteration, by when
@@ -383,12 +398,13 @@ class RedisStore:
         parts = [b"*%d\r\n" % (3 + len(keys) + len(args)), _EVALSHA_HIT, _bulk(b"%d" % len(keys))]
         items: list[str | int] = [*keys, *args]
         for item in items:
-            chunk = chunks.get(item)
-            if chunk is None:
+            if item in chunks:  # `in` and [] are C calls compiled; .get() a call by name
+                parts.append(chunks[item])
+            else:
                 chunk = chunks[item] = _bulk(
                     item.encode() if isinstance(item, str) else b"%d" % item
                 )
-            parts.append(chunk)
+                parts.append(chunk)
         return b"".join(parts)
 
     def _drop_connection(self) -> None:
