@@ -75,7 +75,7 @@ def status_line(status: int, reason: str | None = None) -> bytes:
     except ValueError:
         phrase = ""
     # A reason phrase is the upstream's text: keep it to visible ASCII (RFC 9112 §4).
-    phrase = "".join(c for c in phrase if " " <= c <= "~")
+    phrase = "".join([c for c in phrase if " " <= c <= "~"])  # a list: no closure (ADR 19)
     line = f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
     if len(_STATUS_LINES) < 512:  # upstreams choose reasons: keep the cache bounded
         _STATUS_LINES[status, reason] = line

@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Collection, Mapping, MutableSequence, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -254,7 +255,33 @@ class CompiledTree:
         """Each module's augmenting ``.pxd`` (`cdef_declarations`), derived from the sources
         alone: the sources' hashes cover them, so the runtime check needs no more."""
         others = self._others() if others is None else others
-        return {m: cdef_declarations(self._text(m), m, others) for m in self.modules}
+        functions = self._functions()
+        return {m: cdef_declarations(self._text(m), m, others, functions[m]) for m in self.modules}
+
+    def _functions(self) -> dict[str, dict[str, list[str]]]:
+        """For each module, the ``cpdef`` functions of the other modules it may cimport
+        (ADR 19): those of modules that do not import it back, directly or through others.
+        A cimported function's module is imported when the importer's module starts, before
+        its body runs, so a cycle would meet a module whose names do not exist yet."""
+        texts = {m: self._text(m) for m in self.modules}
+        names = {m: cpdef_function_names(t) for m, t in texts.items()}
+        graph = {m: imported_modules(t, m, self.modules) for m, t in texts.items()}
+
+        def reaches(start: str, goal: str) -> bool:
+            seen, todo = {start}, [start]
+            while todo:
+                for nxt in graph[todo.pop()]:
+                    if nxt == goal:
+                        return True
+                    if nxt not in seen:
+                        seen.add(nxt)
+                        todo.append(nxt)
+            return False
+
+        return {
+            m: {o: names[o] for o in self.modules if o != m and names[o] and not reaches(o, m)}
+            for m in self.modules
+        }
 
     def _text(self, module: str) -> str:
         path = self.source(module)
@@ -316,8 +343,51 @@ def extension_classes(source: str) -> list[str]:
     return [node.name for node, _base, _slots in _eligible(tree)]
 
 
+def cpdef_function_names(source: str) -> list[str]:
+    """The module-level functions of a module that `cdef_declarations` declares ``cpdef``."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return []
+    return [name for name, _params in _cpdef_functions(tree)]
+
+
+def imported_modules(source: str, module: str, modules: Collection[str]) -> set[str]:
+    """The modules among ``modules`` that a module imports when it is imported: its
+    statements outside function bodies and ``if TYPE_CHECKING:`` blocks."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    found: set[str] = set()
+    todo: list[ast.AST] = list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue  # runs when called, not when the module is imported
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            todo.extend(node.orelse)
+            continue
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+        todo.extend(ast.iter_child_nodes(node))
+    return {m for m in found if m in modules and m != module}
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
 def cdef_declarations(
-    source: str, module: str = "", others: Mapping[str, Sequence[str]] | None = None
+    source: str,
+    module: str = "",
+    others: Mapping[str, Sequence[str]] | None = None,
+    functions: Mapping[str, Collection[str]] | None = None,
 ) -> str:
     """An augmenting ``.pxd`` that makes the module's plain slotted classes extension types.
 
@@ -396,20 +466,32 @@ def cdef_declarations(
         if not (fields or methods) and "__weakref__" not in slots and "__dict__" not in slots:
             out.append("    pass")
         out.append("")
-    functions = _cpdef_functions(tree, local | set(imported))
-    for name, params in functions:
+    bound = _bound_counts(tree)
+    function_cimports = []
+    for statement in tree.body:  # top-level imports only: those run when the module starts
+        if not (
+            isinstance(statement, ast.ImportFrom) and statement.module and statement.level == 0
+        ):
+            continue
+        for alias in statement.names:
+            # Not under another name: Cython then drops the Python-level binding of it.
+            exported = (functions or {}).get(statement.module, ())
+            if alias.name in exported and alias.asname is None and bound[alias.name] == 1:
+                function_cimports.append((statement.module, alias.name, alias.name))
+    functions_here = _cpdef_functions(tree, local | set(imported))
+    for name, params in functions_here:
         for param in params:
             kind = param.split(" ")[0] if " " in param else None
             if kind in imported:
                 cimports.add(imported[kind])
         out.append(f"cpdef {name}({', '.join(params)})")
-    if functions:
+    if functions_here:
         out.append("")
-    if not out:
+    if not out and not function_cimports:
         return ""
     head = [
         f"from {m} cimport {c}" if c == alias else f"from {m} cimport {c} as {alias}"
-        for m, c, alias in sorted(cimports)
+        for m, c, alias in sorted(cimports | set(function_cimports))
     ]
     head += [f"cdef class {name}" for name in forward]
     return "\n".join([*head, *([""] if head else []), *out])
@@ -556,10 +638,7 @@ def _cpdef_functions(tree: ast.Module, known: Collection[str] = ()) -> list[tupl
     in the module (by this ``def``, at the top level, never declared ``global``): the module's
     own calls no longer see a later rebinding of the name, so none may exist.
     """
-    bound: dict[str, int] = {}
-    for node in tree.body:
-        for name in _bound_names(node):
-            bound[name] = bound.get(name, 0) + 1
+    bound = _bound_counts(tree)
     rebound = {
         name for node in ast.walk(tree) if isinstance(node, ast.Global) for name in node.names
     }
@@ -571,6 +650,11 @@ def _cpdef_functions(tree: ast.Module, known: Collection[str] = ()) -> list[tupl
         if params is not None:
             found.append((f.name, params))
     return found
+
+
+def _bound_counts(tree: ast.Module) -> Counter[str]:
+    """How many times the module's top level binds each name (see `_bound_names`)."""
+    return Counter(name for node in tree.body for name in _bound_names(node))
 
 
 def _bound_names(node: ast.stmt) -> list[str]:

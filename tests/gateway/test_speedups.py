@@ -860,3 +860,58 @@ def test_compiled_modules_do_not_look_for_files_next_to_themselves() -> None:
     # directory: a path built from it would point at nothing.
     users = [m for m in MODULES if "__file__" in GATEWAY.source(m).read_text(encoding="utf-8")]
     assert users == []
+
+
+def _package(tmp_path: Path, modules: dict[str, str]) -> CompiledTree:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    tree = CompiledTree(tmp_path, list(modules))
+    for name, text in modules.items():
+        tree.source(name).write_text(text)
+    return tree
+
+
+CROSS = {
+    "pkg.low": "def times(a, b=2):\n    return a * b\n\n\ndef plus(a, b):\n    return a + b\n",
+    "pkg.user": (
+        "from pkg.low import plus as add, times\n"
+        "from pkg.loop import back\n\n\n"
+        "def use(a):\n    return times(a), add(a, 1), back(a)\n"
+    ),
+    # Imports pkg.user when it starts: pkg.user may not cimport from it (a cycle).
+    "pkg.loop": (
+        "import pkg.user\n\n\n"
+        "def back(a):\n    return -a\n\n\n"
+        "def forth(a):\n    return pkg.user.use(a)\n"
+    ),
+}
+
+
+def test_functions_imported_from_another_compiled_module_are_cimported_without_cycles(
+    tmp_path: Path,
+) -> None:
+    declarations = _package(tmp_path, CROSS).declarations()
+    # Not `plus as add`: Cython would drop the module's Python-level name `add`.
+    assert declarations["pkg.user"].splitlines()[:2] == ["from pkg.low cimport times", ""]
+    assert "pkg.loop cimport" not in declarations["pkg.user"]
+
+
+@pytest.mark.skipif(not HAS_CYTHON, reason="Cython is not installed")
+def test_a_cimported_function_is_a_c_call_and_the_same_object_from_python(
+    tmp_path: Path,
+) -> None:
+    tree = _package(tmp_path, CROSS)
+    assert " compiled 3 of 3 " in tree.build(jobs=2)
+    program = (
+        "import sys; from pathlib import Path\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import pkg\n"
+        "from gateway.speedups import CompiledTree\n"
+        f"CompiledTree(Path({str(tmp_path)!r}), {list(CROSS)!r}).activate('pkg', pkg.__path__)\n"
+        "import pkg.user as user, pkg.low as low, pkg.loop as loop\n"
+        "assert 'user.py' not in user.__file__ and 'low.py' not in low.__file__\n"
+        "print(user.use(5), loop.forth(2), user.times is low.times, user.add is low.plus)\n"
+        "low.times = lambda a, b=2: 'patched'  # ADR 19: the cimporting module keeps C calls\n"
+        "print(user.use(5)[0])\n"
+    )
+    assert _python(program) == ["(10, 6, -5) (4, 3, -2) True True", "10"]
