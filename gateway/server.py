@@ -13,7 +13,6 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
-from random import getrandbits
 from typing import TYPE_CHECKING, cast
 
 from cityplane.problem import Problem
@@ -29,7 +28,7 @@ from gateway.forwarding import (
 from gateway.h1server import ClientGone, IncomingRequest, encode_fields
 from gateway.paths import normalize_path, split_target
 from gateway.routing import CompiledRoute, MethodNotAllowed, RoutingTable
-from gateway.tracing import Tracing, continue_trace
+from gateway.tracing import Tracing, continue_trace, random_hex
 from gateway.tunnel import tunnel
 from gateway.upstream.client import UpstreamError
 from gateway.upstream.cluster import Resume
@@ -165,9 +164,7 @@ class RequestPath:
         client_ip = client_address(peer, request.forwarded_for, self.trusted) if trusted else peer
         incoming_id = request.request_id
         request_id = (
-            incoming_id
-            if incoming_id and _REQUEST_ID.fullmatch(incoming_id)
-            else getrandbits(128).to_bytes(16, "big").hex()  # as f"{n:032x}", in half the time
+            incoming_id if incoming_id and _REQUEST_ID.fullmatch(incoming_id) else random_hex(32)
         )
         ex = Exchange(
             request,

@@ -722,7 +722,7 @@ def _keyword_markers(tree: ast.Module, source: bytes) -> list[tuple[int, int]]:
         first = a.kwonlyargs[0]
         hi = starts[first.lineno - 1] + first.col_offset
         marker = re.search(rb"\*[ \t]*,", source[lo:hi])
-        if marker is not None:  # there always is one: a syntax tree with kwonlyargs has it
+        if marker is not None:  # "*," as written (a comment between them: Cython reports it)
             found.append((lo + marker.start(), lo + marker.end()))
     return found
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import re
 
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -12,7 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from yarl import URL
 
 from gateway.accesslog import AccessLog
-from gateway.tracing import Tracing, continue_trace
+from gateway.tracing import Tracing, continue_trace, random_hex
 from tests.conftest import service
 
 ROUTE = [{"name": "r", "match": {"pathPrefix": "/"}}]
@@ -45,6 +47,27 @@ def test_trace_context_is_continued_or_started() -> None:
     for bad in (None, "", "zz", "00-" + "0" * 32 + "-00f067aa0ba902b7-01"):
         trace_id, header = continue_trace(bad)
         assert len(trace_id) == 32 and trace_id != "0" * 32
+
+
+def test_random_ids_are_hex_of_the_asked_length_and_never_repeat_across_a_pool_refill() -> None:
+    ids = [random_hex(32) for _ in range(500)] + [random_hex(16) for _ in range(500)]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids[:500])
+    assert all(re.fullmatch(r"[0-9a-f]{16}", i) for i in ids[500:])
+    assert len(set(ids)) == len(ids)  # 1,000 ids span ~12 pools of random digits
+
+
+def test_a_forked_worker_does_not_hand_out_its_parents_next_ids() -> None:
+    random_hex(32)  # the parent's pool is filled: without a reset, a child would share it
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first id, then out without running the parent's cleanup
+        os.write(write, random_hex(32).encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child) == 32 and child != random_hex(32)
 
 
 async def test_access_log_lines_are_json_and_written_in_batches(upstreams, gateway_factory, http):
