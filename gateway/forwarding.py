@@ -155,11 +155,25 @@ def forwarded_fields(
             has_proto = False
         if b"x-forwarded-host" in connection_named:
             has_host = False
+    proto = None if has_proto else scheme
+    if not (prior_xff or prior_fwd):  # a client that is not behind a trusted proxy
+        return b"".join(out), _direct_hop_block(peer, host, scheme, proto, not has_host)
     this_hop = _forwarded_element(peer, host, scheme)
     xff = ", ".join([*prior_xff, peer]) if prior_xff else peer
     fwd = ", ".join([*prior_fwd, this_hop]) if prior_fwd else this_hop
-    hop = _hop_block(xff, None if has_proto else scheme, None if has_host else host, fwd)
+    hop = _hop_block(xff, proto, None if has_host else host, fwd)
     return b"".join(out), hop
+
+
+@functools.lru_cache(maxsize=1024)
+def _direct_hop_block(
+    peer: str, host: str, scheme: str, proto: str | None, with_host: bool
+) -> bytes:
+    """`_hop_block` for a peer with no forwarding fields before it: one cache lookup per
+    request instead of two (~1.3k instructions each)."""
+    return _hop_block(
+        peer, proto, host if with_host else None, _forwarded_element(peer, host, scheme)
+    )
 
 
 @functools.lru_cache(maxsize=1024)
