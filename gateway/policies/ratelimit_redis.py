@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 from gateway import metrics
 from gateway.policies.ratelimit_store import (
-    _MAX_WINDOWS,
     _US,
     Decision,
     StoreUnavailable,
     _new_tuple,
+    window_micros,
 )
 
 if TYPE_CHECKING:
@@ -304,14 +304,7 @@ class RedisStore:
     ) -> None:
         batch = self._batch
         batch.keys.append(self._prefix + key)
-        windows = self._windows_us  # one round() per window length, not per hit
-        if window in windows:
-            window_us = windows[window]
-        else:
-            window_us = max(1, round(window * _US))
-            if len(windows) < _MAX_WINDOWS:
-                windows[window] = window_us
-        batch.args += (limit, window_us)
+        batch.args += (limit, window_micros(self._windows_us, window))
         batch.futures.append(waiter)
         if self._flusher is None:
             # The first hit starts the flusher; it runs on the next loop iteration, by when

@@ -56,6 +56,17 @@ class RateLimitStore(Protocol):
         ...
 
 
+def window_micros(known: dict[float, int], window: float) -> int:
+    """A window's length in whole microseconds (at least 1), remembered in ``known``: one
+    ``round()`` per window length, not one per hit. ``known`` holds at most ``_MAX_WINDOWS``."""
+    if window in known:  # `in` and [] are C calls compiled; .get() is a call by name
+        return known[window]
+    micros = max(1, round(window * _US))
+    if len(known) < _MAX_WINDOWS:
+        known[window] = micros
+    return micros
+
+
 def _decide(
     limit: int, window_us: int, elapsed_us: int, previous: int, current: int
 ) -> tuple[bool, int, int]:
@@ -146,13 +157,7 @@ class LocalStore:
     def hit_now(self, key: str, limit: int, window: float) -> Decision:
         """``hit`` without a coroutine: the in-process store never waits (ADR 14)."""
         now_us = round(self._clock() * _US)
-        windows = self._windows_us
-        if window in windows:
-            window_us = windows[window]
-        else:
-            window_us = max(1, round(window * _US))
-            if len(windows) < _MAX_WINDOWS:
-                windows[window] = window_us
+        window_us = window_micros(self._windows_us, window)
         index = now_us // window_us
         counters = self._counters
         # `in` and [] are C calls in the compiled form; .get() is a method call by name.

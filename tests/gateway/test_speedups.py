@@ -168,6 +168,30 @@ def test_build_is_skipped_while_the_manifest_matches_every_source(tmp_path: Path
     assert tree.out_of_date(None) == ["pkg.a", "pkg.sub.b"]
 
 
+def _package(tmp_path: Path, modules: dict[str, str]) -> CompiledTree:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    tree = CompiledTree(tmp_path, list(modules))
+    for name, text in modules.items():
+        tree.source(name).write_text(text)
+    return tree
+
+
+def _run_compiled(tmp_path: Path, modules: dict[str, str], body: str) -> list[str]:
+    """Build ``modules`` (package ``pkg`` under ``tmp_path``), then run ``body`` in a fresh
+    interpreter that imports their compiled forms; its printed lines."""
+    tree = _package(tmp_path, modules)
+    assert f" compiled {len(modules)} of {len(modules)} " in tree.build(jobs=2)
+    preamble = (
+        "import sys; from pathlib import Path\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import pkg\n"
+        "from gateway.speedups import CompiledTree\n"
+        f"CompiledTree(Path({str(tmp_path)!r}), {list(modules)!r}).activate('pkg', pkg.__path__)\n"
+    )
+    return _python(preamble + body)
+
+
 def _python(program: str, env: dict[str, str] | None = None) -> list[str]:
     """Run ``program`` in a fresh interpreter from the repository; its stdout lines (it must
     exit 0: its stderr is the failure message)."""
@@ -276,17 +300,8 @@ def test_classes_that_could_behave_differently_are_not_declared(source: str) -> 
 def test_a_compiled_slotted_class_is_an_extension_type_that_behaves_as_before(
     tmp_path: Path,
 ) -> None:
-    tree = CompiledTree(tmp_path, ["pkg.a"])
-    (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "__init__.py").write_text("")
-    tree.source("pkg.a").write_text(SLOTTED)
-    assert " compiled 1 of 1 " in tree.build(jobs=1)
     program = (
-        "import sys, weakref; from pathlib import Path\n"
-        f"sys.path.insert(0, {str(tmp_path)!r})\n"
-        "import pkg\n"
-        "from gateway.speedups import CompiledTree\n"
-        f"CompiledTree(Path({str(tmp_path)!r}), ['pkg.a']).activate('pkg', pkg.__path__)\n"
+        "import weakref\n"
         "from pkg.a import Base, Child\n"
         "assert Base.__module__ == 'pkg.a' and 'pkg/a.py' not in sys.modules['pkg.a'].__file__\n"
         "heap = 1 << 9  # Py_TPFLAGS_HEAPTYPE: classes made by a class statement have it\n"
@@ -299,7 +314,7 @@ def test_a_compiled_slotted_class_is_an_extension_type_that_behaves_as_before(
         "    def bump(self):\n        return -1\n"
         "print(Sub('y').bump(), Sub('z').bump_twice())  # also from the C call in bump_twice\n"
     )
-    assert _python(program) == [
+    assert _run_compiled(tmp_path, {"pkg.a": SLOTTED}, program) == [
         "False False",
         "1 2 x 1 3 True",
         "3 6 8",
@@ -525,17 +540,7 @@ def scaled(a, *, plus, by=1):
 def test_a_compiled_module_calls_its_own_functions_in_c_and_python_still_can(
     tmp_path: Path,
 ) -> None:
-    tree = CompiledTree(tmp_path, ["pkg.calls"])
-    (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "__init__.py").write_text("")
-    tree.source("pkg.calls").write_text(CALLS)
-    assert " compiled 1 of 1 " in tree.build(jobs=1)
     program = (
-        "import sys; from pathlib import Path\n"
-        f"sys.path.insert(0, {str(tmp_path)!r})\n"
-        "import pkg\n"
-        "from gateway.speedups import CompiledTree\n"
-        f"CompiledTree(Path({str(tmp_path)!r}), ['pkg.calls']).activate('pkg', pkg.__path__)\n"
         "import pkg.calls as m\n"
         "assert 'pkg/calls.py' not in m.__file__\n"
         "print(m.use(5), m.times(5), m.times(5, b=10), m.times(b=1, a=7))\n"
@@ -545,7 +550,11 @@ def test_a_compiled_module_calls_its_own_functions_in_c_and_python_still_can(
         "m.times = lambda a, b=2: 'patched'\n"
         "print(m.use(5)[0], m.use(5)[2])\n"
     )
-    assert _python(program) == ["(10, 15, 20, 11, 5) 10 50 7", "4 9", "10 20"]
+    assert _run_compiled(tmp_path, {"pkg.calls": CALLS}, program) == [
+        "(10, 15, 20, 11, 5) 10 50 7",
+        "4 9",
+        "10 20",
+    ]
 
 
 def test_the_typed_source_drops_the_keyword_only_marker_of_cpdef_functions_only() -> None:
@@ -862,15 +871,6 @@ def test_compiled_modules_do_not_look_for_files_next_to_themselves() -> None:
     assert users == []
 
 
-def _package(tmp_path: Path, modules: dict[str, str]) -> CompiledTree:
-    (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "__init__.py").write_text("")
-    tree = CompiledTree(tmp_path, list(modules))
-    for name, text in modules.items():
-        tree.source(name).write_text(text)
-    return tree
-
-
 CROSS = {
     "pkg.low": "def times(a, b=2):\n    return a * b\n\n\ndef plus(a, b):\n    return a + b\n",
     "pkg.user": (
@@ -900,18 +900,11 @@ def test_functions_imported_from_another_compiled_module_are_cimported_without_c
 def test_a_cimported_function_is_a_c_call_and_the_same_object_from_python(
     tmp_path: Path,
 ) -> None:
-    tree = _package(tmp_path, CROSS)
-    assert " compiled 3 of 3 " in tree.build(jobs=2)
     program = (
-        "import sys; from pathlib import Path\n"
-        f"sys.path.insert(0, {str(tmp_path)!r})\n"
-        "import pkg\n"
-        "from gateway.speedups import CompiledTree\n"
-        f"CompiledTree(Path({str(tmp_path)!r}), {list(CROSS)!r}).activate('pkg', pkg.__path__)\n"
         "import pkg.user as user, pkg.low as low, pkg.loop as loop\n"
         "assert 'user.py' not in user.__file__ and 'low.py' not in low.__file__\n"
         "print(user.use(5), loop.forth(2), user.times is low.times, user.add is low.plus)\n"
         "low.times = lambda a, b=2: 'patched'  # ADR 19: the cimporting module keeps C calls\n"
         "print(user.use(5)[0])\n"
     )
-    assert _python(program) == ["(10, 6, -5) (4, 3, -2) True True", "10"]
+    assert _run_compiled(tmp_path, CROSS, program) == ["(10, 6, -5) (4, 3, -2) True True", "10"]
