@@ -42,6 +42,7 @@ POLICY_NAME = "default"
 # key in Redis or in the local dict never grows with the request.
 MAX_KEY_PART = 128
 _SHORT_IP = MAX_KEY_PART - len("ip:")  # client addresses up to this long are used as they are
+_KEY_KINDS = frozenset({"consumer", "ip", "route", "header"})  # who a rateLimit.key counts
 
 
 def rate_limit_key(route_id: str, part: str) -> str:
@@ -93,7 +94,6 @@ class RateLimitPolicy:
         "_hit_soon",
         "_inline_store",
         "_ip_prefix",
-        "_key",
         "_kind",
         "_limit",
         "_lines",
@@ -133,13 +133,8 @@ class RateLimitPolicy:
             route=route_id, mode=spec.onStoreError
         )
         kind, _, header = spec.key.partition(":")
-        key_of: dict[str, Callable[[Exchange], str]] = {
-            "consumer": self._consumer_key,
-            "ip": self._ip_key,
-            "route": self._route_key,
-            "header": self._header_key,
-        }
-        self._key = key_of[kind]  # for check() and check_soon(); check_now() branches on kind
+        if kind not in _KEY_KINDS:  # the schema allows no other; _key_of() relies on it
+            raise ValueError(f"rateLimit.key: unknown kind {kind!r}")
         self._kind = kind
         self._header = header
         self._ip_prefix = f"{route_id}|ip:"
@@ -205,7 +200,7 @@ class RateLimitPolicy:
         return True
 
     async def check(self, exchange: Exchange) -> None:
-        key = self._key(exchange)
+        key = self._key_of(exchange)
         try:
             decision: Decision | None = await self._store.hit(key, self._limit, self._window)
         except StoreUnavailable as error:
