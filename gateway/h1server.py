@@ -144,12 +144,8 @@ class RequestHeaders:
         return default
 
     def get(self, name: str, default: Any = None) -> Any:
-        key = _key(name)
-        size = len(key)
-        for n, v in self._raw:
-            if len(n) == size and n.lower() == key:
-                return v.decode("latin-1")
-        return default
+        found = _values(self._raw, _key(name))  # a request repeats a field rarely
+        return found[0] if found else default
 
     def __getitem__(self, name: str) -> str:
         value = self.get(name, _MISSING)
