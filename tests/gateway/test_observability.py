@@ -101,3 +101,32 @@ async def test_access_log_drops_lines_instead_of_blocking_when_full() -> None:
     assert log.dropped == 12
     log.flush()
     assert len(sink.getvalue().splitlines()) == 8
+
+
+async def test_durations_have_microsecond_resolution_on_the_gateways_own_loop(
+    upstreams, http, tmp_path
+):
+    # `cityplane gateway` runs on uvloop, whose loop.time() ticks in whole milliseconds: timed
+    # with it, a sub-millisecond request logged 0.000 or 1.000 ms. The process is the real one.
+    import yaml
+
+    from tests.gateway.procs import GatewayProcess
+
+    up = await upstreams()
+    config = tmp_path / "services.yaml"
+    config.write_text(yaml.safe_dump_all([service("svc", [up.url], ROUTE)]))
+    log_file = tmp_path / "access.log"
+    gw = GatewayProcess(config, "--access-log", str(log_file))
+    try:
+        await gw.ready()
+        for _ in range(20):
+            async with http.get(gw.url + "/x") as resp:
+                assert resp.status == 200
+                await resp.read()
+    finally:
+        gw.stop()  # a clean stop flushes the log's last batch
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    durations = [line["duration_ms"] for line in lines if line["path"] == "/x"]
+    assert len(durations) == 20
+    assert all(d > 0 for d in durations), durations
+    assert sum(d != round(d) for d in durations) >= 10, durations
