@@ -8,10 +8,12 @@ docs/adr/0013-own-http1-server.md).
 from __future__ import annotations
 
 import resource
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway import metrics
-from gateway.h1server import FrontServer
+
+if TYPE_CHECKING:
+    from gateway.h1server import FrontServer
 
 
 def default_max_connections() -> int:
@@ -79,4 +81,8 @@ class GatewayLimits:
 
 def make_server(handler: Any, limits: GatewayLimits) -> FrontServer:
     """The protocol factory for a request path (`gateway.server.RequestPath`) under `limits`."""
+    # Imported here, not at the top: gateway.h1server types its connections' limits with
+    # GatewayLimits (compiled, a cimport, ADR 17), which needs this module not to import it.
+    from gateway.h1server import FrontServer
+
     return FrontServer(handler, limits, on_refused=metrics.CONNECTIONS_REFUSED.inc)

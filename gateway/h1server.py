@@ -238,8 +238,8 @@ class IncomingRequest:
         """One field's first value (for the balancer's hash keys)."""
         return self.headers.get(name, default)
 
-    @property
     def body_exists(self) -> bool:
+        # A method, not a property: compiled, a property is read by name (ADR 18).
         return self.chunked or bool(self.content_length)
 
     # -- the body, fed by the connection and read by the handler -------------------------------
@@ -359,7 +359,7 @@ class ClientConnection:
     def __init__(self, server: FrontServer) -> None:
         self.server = server
         self.loop = server.loop
-        self.limits = server.limits
+        self.limits: GatewayLimits = server.limits  # typed: its fields are struct reads
         self.transport: asyncio.Transport | None = None
         self.peer = "0.0.0.0"
         self.closed = False
@@ -524,9 +524,10 @@ class ClientConnection:
         headers.append((name, value))
         if len(name) not in _WATCHED_SIZES:
             return
-        kind = _WATCHED.get(name.lower())
-        if kind is None:
+        key = name.lower()
+        if key not in _WATCHED:  # `in` and [] are C calls compiled; .get() a call by name
             return
+        kind = _WATCHED[key]
         if kind == _HOST:
             if req.host:
                 raise _HeadRefused(Problem(400, "bad-request", "more than one Host field"))
@@ -590,7 +591,7 @@ class ClientConnection:
             raise _HeadRefused(
                 Problem(400, "bad-request", "Transfer-Encoding is not allowed in HTTP/1.0")
             )
-        if not req.body_exists:
+        if not req.body_exists():
             req.body_complete = True
         else:
             self._in_body = True

@@ -15,7 +15,6 @@ then one per candidate prefix within it (see ``_PathTable``).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.forwarding import UPSTREAM_RESPONSE_DROP
@@ -23,33 +22,71 @@ from gateway.h1server import encode_fields
 from gateway.policies.base import Policy
 
 
-@dataclass(slots=True, eq=False)
 class CompiledRoute:
-    service: str
-    name: str
-    host: str | None
-    path: str  # exact path, or prefix without trailing slash ("/" for the root)
-    exact: bool
-    methods: frozenset[str] | None
-    strip_prefix: bool = False
-    lifecycle: str = "published"
-    policies: tuple[Policy, ...] = ()
-    cluster: Any = None  # gateway.upstream.cluster.UpstreamCluster
-    response_headers: tuple[tuple[str, str], ...] = ()
-    route_id: str = field(init=False)
-    extra: dict[str, Any] = field(default_factory=dict)
-    # ``response_headers`` on the wire, and the upstream response fields not relayed: those
-    # the gateway sets itself on this route (X-Request-Id, these, the policies' own).
-    response_block: bytes = field(init=False)
-    response_drop: frozenset[bytes] = field(init=False)
+    """One route of the table, with everything a request on it needs, computed once.
 
-    def __post_init__(self) -> None:
-        self.route_id = f"{self.service}/{self.name}"
-        self.response_block = encode_fields(list(self.response_headers))
-        names = {n for n, _ in self.response_headers}
-        for policy in self.policies:
+    A plain slotted class, not a dataclass: the compiled form makes it an extension type
+    (ADR 16), so the request path reads its fields as C struct fields (ADR 17).
+    """
+
+    __slots__ = (
+        "cluster",
+        "exact",
+        "host",
+        "lifecycle",
+        "methods",
+        "name",
+        "path",
+        "policies",
+        "response_block",
+        "response_drop",
+        "response_headers",
+        "route_id",
+        "service",
+        "strip_prefix",
+    )
+
+    def __init__(
+        self,
+        service: str,
+        name: str,
+        host: str | None,
+        path: str,  # exact path, or prefix without trailing slash ("/" for the root)
+        exact: bool,
+        methods: frozenset[str] | None,
+        strip_prefix: bool = False,
+        lifecycle: str = "published",
+        policies: tuple[Policy, ...] = (),
+        cluster: Any = None,  # gateway.upstream.cluster.UpstreamCluster
+        response_headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        self.service = service
+        self.name = name
+        self.host = host
+        self.path = path
+        self.exact = exact
+        self.methods = methods
+        self.strip_prefix = strip_prefix
+        self.lifecycle = lifecycle
+        self.policies = policies
+        self.cluster = cluster
+        self.response_headers = response_headers
+        self.route_id = f"{service}/{name}"
+        # ``response_headers`` on the wire, and the upstream response fields not relayed: those
+        # the gateway sets itself on this route (X-Request-Id, these, the policies' own).
+        self.response_block = encode_fields(list(response_headers))
+        names = {n for n, _ in response_headers}
+        for policy in policies:
             names.update(getattr(policy, "response_fields", ()))
-        self.response_drop = UPSTREAM_RESPONSE_DROP | {n.lower().encode("latin-1") for n in names}
+        self.response_drop: frozenset[bytes] = UPSTREAM_RESPONSE_DROP | {
+            n.lower().encode("latin-1") for n in names
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"CompiledRoute({self.route_id!r}, host={self.host!r}, path={self.path!r}, "
+            f"exact={self.exact!r}, methods={sorted(self.methods) if self.methods else None!r})"
+        )
 
     def upstream_path(self, path: str) -> str:
         """The path sent upstream: the normalized request path, minus the prefix if asked."""

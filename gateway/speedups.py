@@ -175,8 +175,8 @@ class CompiledTree:
         except ImportError as exc:
             raise BuildError(f"{exc.name} is not installed (pip install '.[speedups]')") from None
         manifest = self.manifest() or {}
-        others = self._others()
-        declarations = self.declarations(others)
+        classes = self._classes()
+        declarations = self.declarations(classes)
         # A module's C reads the struct layout of every extension type it touches, possibly
         # through another module's typed slot: a change to any declaration rebuilds them all.
         interfaces = interfaces_key(declarations)
@@ -201,7 +201,7 @@ class CompiledTree:
             sources = [
                 Extension(
                     m,
-                    [str(self._typed(Path(tmp, "src"), m, others))],
+                    [str(self._typed(Path(tmp, "src"), m, classes[m]))],
                     extra_compile_args=quiet_cc,
                 )
                 for m in todo
@@ -251,45 +251,57 @@ class CompiledTree:
             f" {done - cythonized:.1f} s, {jobs} jobs) into {self.root}"
         )
 
-    def declarations(self, others: Mapping[str, Sequence[str]] | None = None) -> dict[str, str]:
+    def declarations(
+        self, classes: Mapping[str, Mapping[str, Sequence[str]]] | None = None
+    ) -> dict[str, str]:
         """Each module's augmenting ``.pxd`` (`cdef_declarations`), derived from the sources
         alone: the sources' hashes cover them, so the runtime check needs no more."""
-        others = self._others() if others is None else others
+        classes = self._classes() if classes is None else classes
         functions = self._functions()
-        return {m: cdef_declarations(self._text(m), m, others, functions[m]) for m in self.modules}
+        return {
+            m: cdef_declarations(self._text(m), m, classes[m], functions[m]) for m in self.modules
+        }
+
+    def _classes(self) -> dict[str, dict[str, list[str]]]:
+        """For each module, the extension classes (`extension_classes`) of the modules whose
+        classes it may type and cimport: its own, and those of `_cimportable` modules."""
+        found = {m: extension_classes(self._text(m)) for m in self.modules}
+        cimportable = self._cimportable()
+        return {
+            m: {o: c for o, c in found.items() if o == m or o in cimportable[m]}
+            for m in self.modules
+        }
 
     def _functions(self) -> dict[str, dict[str, list[str]]]:
-        """For each module, the ``cpdef`` functions of the other modules it may cimport
-        (ADR 19): those of modules that do not import it back, directly or through others.
-        A cimported function's module is imported when the importer's module starts, before
-        its body runs, so a cycle would meet a module whose names do not exist yet."""
-        texts = {m: self._text(m) for m in self.modules}
-        names = {m: cpdef_function_names(t) for m, t in texts.items()}
-        graph = {m: imported_modules(t, m, self.modules) for m, t in texts.items()}
+        """For each module, the ``cpdef`` functions of the `_cimportable` modules (ADR 19)."""
+        names = {m: cpdef_function_names(self._text(m)) for m in self.modules}
+        cimportable = self._cimportable()
+        return {m: {o: names[o] for o in cimportable[m] if names[o]} for m in self.modules}
 
-        def reaches(start: str, goal: str) -> bool:
-            seen, todo = {start}, [start]
+    def _cimportable(self) -> dict[str, set[str]]:
+        """For each module, the other modules it may cimport from: those that do not import it
+        back, directly or through others (`imported_modules`). A cimported class or function's
+        module is imported when the importer's module starts, before its body runs, so a cycle
+        would meet a module whose names do not exist yet: ``import gateway.h1server`` failed
+        with ImportError while it cimported ``gateway.connections``'s class, which imports it."""
+        graph = {m: imported_modules(self._text(m), m, self.modules) for m in self.modules}
+        reaches: dict[str, set[str]] = {}
+        for start in self.modules:
+            seen: set[str] = set()
+            todo = [start]
             while todo:
                 for nxt in graph[todo.pop()]:
-                    if nxt == goal:
-                        return True
                     if nxt not in seen:
                         seen.add(nxt)
                         todo.append(nxt)
-            return False
-
+            reaches[start] = seen
         return {
-            m: {o: names[o] for o in self.modules if o != m and names[o] and not reaches(o, m)}
-            for m in self.modules
+            m: {o for o in self.modules if o != m and m not in reaches[o]} for m in self.modules
         }
 
     def _text(self, module: str) -> str:
         path = self.source(module)
         return path.read_text(encoding="utf-8") if path.is_file() else ""  # build() reports it
-
-    def _others(self) -> dict[str, list[str]]:
-        """Each module's extension classes (`extension_classes`)."""
-        return {m: extension_classes(self._text(m)) for m in self.modules}
 
     def _typed(self, root: Path, module: str, others: Mapping[str, Sequence[str]]) -> Path:
         """The file Cython compiles for ``module``: its source when `typed_source` leaves it

@@ -908,3 +908,56 @@ def test_a_cimported_function_is_a_c_call_and_the_same_object_from_python(
         "print(user.use(5)[0])\n"
     )
     assert _run_compiled(tmp_path, CROSS, program) == ["(10, 6, -5) (4, 3, -2) True True", "10"]
+
+
+# pkg.conn types a slot with pkg.limits's class; pkg.cyclic's class is typed too, but
+# pkg.cyclic imports pkg.conn when it starts, so pkg.conn may not cimport it.
+TYPED_CROSS = {
+    "pkg.limits": (
+        "class Limits:\n    __slots__ = ('size',)\n\n"
+        "    def __init__(self, size: int) -> None:\n        self.size = size\n"
+    ),
+    "pkg.cyclic": (
+        "from pkg.conn import DEFAULT, Conn\n\n\n"
+        "class Settings:\n    __slots__ = ('size',)\n\n"
+        "    def __init__(self, size: int) -> None:\n        self.size = size\n\n\n"
+        "def make(size=DEFAULT):\n    return Conn(Settings(size), size)\n"
+    ),
+    "pkg.conn": (
+        "from __future__ import annotations\n\n"
+        "from typing import TYPE_CHECKING\n\n"
+        "from pkg.limits import Limits\n\n"
+        "if TYPE_CHECKING:\n    from pkg.cyclic import Settings\n\n"
+        "DEFAULT = 3  # bound by the module's body, as gateway.h1server's FrontServer\n\n\n"
+        "class Conn:\n    __slots__ = ('limits', 'settings')\n\n"
+        "    def __init__(self, settings: Settings, size: int) -> None:\n"
+        "        self.limits: Limits = Limits(size)\n"
+        "        self.settings = settings\n\n"
+        "    def size(self) -> int:\n        return self.limits.size + self.settings.size\n"
+    ),
+}
+
+
+def test_classes_of_a_module_that_imports_this_one_back_are_not_cimported(
+    tmp_path: Path,
+) -> None:
+    declarations = _package(tmp_path, TYPED_CROSS).declarations()
+    conn = declarations["pkg.conn"]
+    assert "from pkg.limits cimport Limits" in conn
+    assert "cdef public Limits limits" in conn
+    assert "pkg.cyclic cimport" not in conn and "Settings settings" not in conn
+
+
+@pytest.mark.skipif(not HAS_CYTHON, reason="Cython is not installed")
+def test_compiled_modules_with_typed_classes_import_in_any_order(tmp_path: Path) -> None:
+    # A cimport of pkg.cyclic's class from pkg.conn would import pkg.cyclic before pkg.conn's
+    # body runs: `import pkg.conn` first then failed with ImportError (seen with
+    # gateway.h1server and gateway.connections).
+    program = (
+        "import importlib\n"
+        "conn = importlib.import_module('pkg.conn')\n"
+        "cyclic = importlib.import_module('pkg.cyclic')\n"
+        "assert 'conn.py' not in conn.__file__ and 'cyclic.py' not in cyclic.__file__\n"
+        "print(cyclic.make().size())\n"
+    )
+    assert _run_compiled(tmp_path, TYPED_CROSS, program) == ["6"]
