@@ -66,10 +66,13 @@ _WATCHED = {
 _WATCHED_SIZES = frozenset(len(name) for name in _WATCHED)
 
 
+_METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
+
+
 def status_line(status: int, reason: str | None = None) -> bytes:
-    line = _STATUS_LINES.get((status, reason))
-    if line is not None:
-        return line
+    key = (status, reason)
+    if key in _STATUS_LINES:  # `in` and [] are C calls compiled; .get() a call by name
+        return _STATUS_LINES[key]
     try:
         phrase = reason if reason is not None else HTTPStatus(status).phrase
     except ValueError:
@@ -78,7 +81,7 @@ def status_line(status: int, reason: str | None = None) -> bytes:
     phrase = "".join([c for c in phrase if " " <= c <= "~"])  # a list: no closure (ADR 19)
     line = f"HTTP/1.1 {status} {phrase}\r\n".encode("latin-1")
     if len(_STATUS_LINES) < 512:  # upstreams choose reasons: keep the cache bounded
-        _STATUS_LINES[status, reason] = line
+        _STATUS_LINES[key] = line
     return line
 
 
@@ -319,6 +322,7 @@ class ClientConnection:
     __slots__ = (
         "_busy",
         "_chunked_out",
+        "_clock_offset",
         "_close_held",
         "_drain_waiter",
         "_head_sent",
@@ -359,6 +363,7 @@ class ClientConnection:
     def __init__(self, server: FrontServer) -> None:
         self.server = server
         self.loop = server.loop
+        self._clock_offset: float = server.clock_offset  # Date = loop time + this (per server)
         self.limits: GatewayLimits = server.limits  # typed: its fields are struct reads
         self.transport: asyncio.Transport | None = None
         self.peer = "0.0.0.0"
@@ -577,7 +582,9 @@ class ClientConnection:
                 raise _HeadRefused(
                     Problem(417, "expectation-failed", "only Expect: 100-continue is supported")
                 )
-        req.method = parser.get_method().decode("ascii")
+        method = parser.get_method()
+        # The usual methods' str from a table: a bytes method's decode() is a call by name.
+        req.method = _METHODS[method] if method in _METHODS else method.decode("ascii")
         url = self._url[0] if len(self._url) == 1 else b"".join(self._url)
         if url[:1] != b"/":
             url = _origin_form(url, req.method)
@@ -760,7 +767,7 @@ class ClientConnection:
                 status_line(status, reason),
                 fields,
                 b"Content-Length: %d\r\n" % len(body) if _has_length(status) else b"",
-                date_header(self.loop.time() + self.server.clock_offset),
+                date_header(self.loop.time() + self._clock_offset),
                 self._connection_field(req, close),
                 b"\r\n",
             )
@@ -835,7 +842,7 @@ class ClientConnection:
                 status_line(status, reason),
                 fields,
                 framing,
-                date_header(self.loop.time() + self.server.clock_offset),
+                date_header(self.loop.time() + self._clock_offset),
                 self._connection_field(req, close),
                 b"\r\n",
             )

@@ -548,7 +548,7 @@ class RequestPath:
         """The flight's remaining steps, up to the first that has to wait (see `dispatch`)."""
         request = flight.request
         try:
-            route = flight.route if flight.route is not None else self._admit(flight)
+            route: CompiledRoute = flight.route if flight.route is not None else self._admit(flight)
             ex = flight.ex
             policies = route.policies
             while flight.next_policy < len(policies):
@@ -647,7 +647,7 @@ class RequestPath:
                 status = up.status
                 bodiless = request.method == "HEAD" or status in (204, 304)
                 if not bodiless and (
-                    up.content_length is None or up.content_length > SMALL_BODY or not up.complete
+                    up.content_length is None or up.content_length > SMALL_BODY or not up.complete()
                 ):
                     flight.response, flight.target = up, attempt.target
                     conn.hand_over(request)  # its body is still to come, or to be streamed

@@ -63,9 +63,8 @@ def _default_tls_context() -> ssl.SSLContext:
 
 
 def _name_kind(name: str) -> int:
-    kind = _NAME_KINDS.get(name)
-    if kind is not None:
-        return kind
+    if name in _NAME_KINDS:  # `in` and [] are C calls compiled; .get() a call by name
+        return _NAME_KINDS[name]
     if not _TOKEN.fullmatch(name):
         raise ValueError(f"invalid header name {name!r}")
     lower = name.lower()
@@ -376,7 +375,7 @@ class HostPool:
     def _take_idle(self, loop: asyncio.AbstractEventLoop) -> Http1Connection | None:
         idle = self._idle
         while idle:
-            conn = idle.pop()
+            conn: Http1Connection = idle.pop()  # typed: struct reads, C calls (ADR 17)
             conn.in_pool = False
             if loop.time() - conn.idle_since >= self._idle_ttl:
                 # The newest idle connection has expired, so have all the older ones.
@@ -386,7 +385,7 @@ class HostPool:
                     old.close()
                 idle.clear()
                 return None
-            if conn.usable:
+            if conn.usable():
                 conn.reused = True
                 return conn
             conn.close()

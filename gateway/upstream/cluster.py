@@ -25,12 +25,11 @@ from gateway.upstream.breaker import (
 from gateway.upstream.client import (
     HostPool,
     UpstreamError,
-    UpstreamResponse,
     UpstreamTimeout,
     encode_request_head,
 )
 from gateway.upstream.health import ActiveHealthChecker, PassiveHealth
-from gateway.upstream.http1 import Http1Connection
+from gateway.upstream.http1 import Http1Connection, UpstreamResponse
 from gateway.upstream.target import TargetState
 
 log = logging.getLogger("cityplane.gateway.upstream")
@@ -93,7 +92,7 @@ class UpstreamCluster:
             if spec.circuitBreaker
             else None
         )
-        self.passive = PassiveHealth(service, spec.healthCheck, targets=self.targets)
+        self.passive: PassiveHealth = PassiveHealth(service, spec.healthCheck, targets=self.targets)
         hc = spec.healthCheck
         self.active = (
             ActiveHealthChecker(service, self.targets, hc, self._probe)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Set
 from typing import Protocol, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -75,6 +75,9 @@ class ConnectionOwner(Protocol):
     def _connection_released(self, conn: Http1Connection, reusable: bool) -> None: ...
 
     def _idle_connection_lost(self, conn: Http1Connection) -> None: ...
+
+
+_NO_OPTIONS: frozenset[bytes] = frozenset()
 
 
 class UpstreamResponse:
@@ -143,7 +146,6 @@ class UpstreamResponse:
             return conn._take_body() or b""
         return b"".join([chunk async for chunk in self.iter_chunks()])
 
-    @property
     def complete(self) -> bool:
         """The whole body has arrived: ``read_now`` can take it."""
         conn = self._conn
@@ -387,8 +389,13 @@ class Http1Connection:
                 f"response head larger than {MAX_RESPONSE_HEAD} bytes", request_sent=True
             )
         tokens = self._conn_tokens
-        options = {t.strip() for t in tokens.split(b",")} if tokens else set()
         version = parser.get_http_version()
+        # The Connection options as a set only when one of them can matter: in HTTP/1.1, an
+        # upstream's usual "keep-alive" holds no "close" (a substring test, no split).
+        if tokens and (version != "1.1" or b"close" in tokens):
+            options: Set[bytes] = {t.strip() for t in tokens.split(b",")}
+        else:
+            options = _NO_OPTIONS
         # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; HTTP/1.0 only with "keep-alive".
         if version == "1.1":
             keep_alive = b"close" not in options
@@ -598,8 +605,8 @@ class Http1Connection:
 
     # -- used by HostPool ---------------------------------------------------------------------
 
-    @property
     def usable(self) -> bool:
+        # A method, not a property: compiled, a property is read by name (ADR 18).
         return not self._lost and self._transport is not None and not self._transport.is_closing()
 
     @property
@@ -869,7 +876,7 @@ class Http1Connection:
 
     def _release(self) -> None:
         self._on_ready = None
-        reusable = self._reusable and self._phase == _DONE and self._exc is None and self.usable
+        reusable = self._reusable and self._phase == _DONE and self._exc is None and self.usable()
         self._stop_upload()
         complete = self._phase == _DONE
         self._phase = _IDLE
