@@ -481,6 +481,30 @@ async def test_a_hung_redis_fails_the_whole_batch_within_the_deadline(
     await client.aclose()
 
 
+async def test_a_batch_gets_its_whole_deadline_when_the_watchdog_was_armed_for_an_earlier_one(
+    private_redis: RedisServer,
+) -> None:
+    # One timer watches the batches' deadlines (RedisStore._check_deadline). Armed for the
+    # first batch, it fires 0.4 s later, while the second batch, sent 0.25 s later, still has
+    # 0.25 s to go: that batch must fail at its own deadline, not at the timer's first firing.
+    client = fast_client(private_redis.port, timeout=5.0)
+    store = RedisStore(client, prefix="t:", timeout=0.4, backoff=60.0)
+    await store.hit("warm-up", 5, 60.0)
+    await asyncio.sleep(0.25)
+    private_redis.signal(signal.SIGSTOP)
+    try:
+        started = time.perf_counter()
+        with pytest.raises(StoreUnavailable, match="TimeoutError: no answer within 0.4s"):
+            await store.hit("k", 5, 60.0)
+        took = time.perf_counter() - started
+    finally:
+        private_redis.signal(signal.SIGCONT)
+    assert 0.38 <= took < 0.9, took
+    assert store.degraded
+    await store.close()
+    await client.aclose()
+
+
 async def test_a_batch_after_a_script_flush_reloads_the_script_in_that_batch(
     private_redis: RedisServer,
 ) -> None:
