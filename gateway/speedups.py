@@ -65,7 +65,7 @@ DIRECTIVES: dict[str, Any] = {
     "nonecheck": True,
 }
 # Version of what `cdef_declarations` and `typed_source` write: a change rebuilds every module.
-DECLARATIONS = 6
+DECLARATIONS = 7
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # this interpreter's ABI
 TAG = SUFFIX.split(".")[1]  # ".cpython-311-x86_64-linux-gnu.so" -> "cpython-311-x86_64-linux-gnu"
 DISABLE = "CITYPLANE_NO_EXTENSIONS"
