@@ -64,6 +64,9 @@ _WATCHED = {
 # Their lengths: most other fields (Accept-Encoding, User-Agent, Authorization, Cookie, ...)
 # are passed over without lower-casing them.
 _WATCHED_SIZES = frozenset(len(name) for name in _WATCHED)
+# The same with the usual spellings (Host, Content-Length, X-Request-Id, ...), found without
+# lower-casing: a bytes lower() is a call by name compiled (~350 instructions per field).
+_WATCHED_AS_SENT = {**_WATCHED, **{name.title(): kind for name, kind in _WATCHED.items()}}
 
 
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
@@ -529,10 +532,13 @@ class ClientConnection:
         headers.append((name, value))
         if len(name) not in _WATCHED_SIZES:
             return
-        key = name.lower()
-        if key not in _WATCHED:  # `in` and [] are C calls compiled; .get() a call by name
-            return
-        kind = _WATCHED[key]
+        if name in _WATCHED_AS_SENT:  # `in` and [] are C calls compiled; .get() a call by name
+            kind = _WATCHED_AS_SENT[name]
+        else:
+            key = name.lower()
+            if key not in _WATCHED:
+                return
+            kind = _WATCHED[key]
         if kind == _HOST:
             if req.host:
                 raise _HeadRefused(Problem(400, "bad-request", "more than one Host field"))

@@ -369,12 +369,13 @@ class Http1Connection:
         self._headers.append((name, value))
         n = len(name)
         self._field_bytes += n + len(value)
-        if n == 14 and name.lower() == b"content-length":
+        # The usual spelling first: a bytes lower() is a call by name compiled.
+        if n == 14 and (name == b"Content-Length" or name.lower() == b"content-length"):
             self._content_length = int(value)  # llhttp has checked the digits and duplicates
-        elif n == 17 and name.lower() == b"transfer-encoding":
+        elif n == 17 and (name == b"Transfer-Encoding" or name.lower() == b"transfer-encoding"):
             # RFC 9112 §6.3 item 4: chunked framing only if chunked is the final coding.
             self._chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-        elif n == 10 and name.lower() == b"connection":
+        elif n == 10 and (name == b"Connection" or name.lower() == b"connection"):
             self._conn_tokens += value.lower() + b","
 
     def on_headers_complete(self) -> None:

@@ -610,6 +610,7 @@ async def test_http_1_2_request_line_is_served_as_http_1_1_or_refused(front: Fro
         # RFC 9112 §3.2: 400 for an HTTP/1.1 request without Host, or with two.
         pytest.param((), id="no-host"),
         pytest.param(("Host: city.example", "Host: other.example"), id="two-hosts"),
+        pytest.param(("Host: city.example", "hOST: other.example"), id="two-hosts-other-case"),
     ],
 )
 async def test_missing_or_repeated_host_gets_400_and_close(
@@ -618,6 +619,40 @@ async def test_missing_or_repeated_host_gets_400_and_close(
     resp, closed = await request_closing(front.port, head("GET", "/svc/a", *fields))
     assert_refused(resp, closed, 400, "bad-request")
     assert front.up.received == b""
+
+
+async def test_request_fields_are_read_whatever_the_case_of_their_names(front: Front) -> None:
+    # RFC 9110 §5.1: field names are case-insensitive. The usual spellings (Host,
+    # Content-Length) are found without lower-casing; any other spelling must mean the same.
+    async with await RawClient.open(front.port) as client:
+        client.send(
+            b"POST /svc/a HTTP/1.1\r\nhOsT: city.example\r\ncontent-LENGTH: 5\r\n"
+            + b"x-REQUEST-id: case-1\r\n\r\nhello"
+            + b"POST /svc/2 HTTP/1.1\r\nHOST: city.example\r\ntransfer-ENCODING: chunked\r\n"
+            + b"\r\n3\r\nabc\r\n0\r\n\r\n"
+        )
+        answers = [await client.response() for _ in range(2)]
+    assert [(a.status, a.body) for a in answers] == [(200, b"/a"), (200, b"/2")]
+    assert answers[0].header("X-Request-Id") == "case-1"
+    assert [(r.target, r.body) for r in front.up.requests] == [("/a", b"hello"), ("/2", b"abc")]
+
+
+async def test_upstream_framing_fields_are_read_whatever_the_case_of_their_names(
+    front: Front,
+) -> None:
+    front.up.answers["/length"] = Canned(
+        b"HTTP/1.1 200 OK\r\ncontent-LENGTH: 5\r\nCONNECTION: close\r\n\r\nhello"
+    )  # the upstream keeps the socket open: only the field says not to reuse it
+    front.up.answers["/chunks"] = Canned(
+        b"HTTP/1.1 200 OK\r\ntransfer-ENCODING: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    )
+    async with await RawClient.open(front.port) as client:
+        for path in ("/svc/length", "/svc/chunks", "/svc/length"):
+            resp = await client.exchange(head("GET", path, "Host: city.example"))
+            assert (resp.status, resp.body) == (200, b"hello"), path
+    # "CONNECTION: close" was honoured: /chunks came on a new connection, which the second
+    # /length then reused (it was kept).
+    assert front.up.connections == 2
 
 
 async def test_http_1_0_request_without_host_is_served(front: Front) -> None:
