@@ -12,6 +12,7 @@ import ssl
 from collections.abc import AsyncIterable, Callable
 from typing import cast
 
+from gateway.forwarding import breaks_field
 from gateway.upstream.http1 import (
     Http1Connection,
     UpstreamConnectError,
@@ -143,7 +144,7 @@ def encode_request_head(
     lines = len(parts) - 3  # request line + one per field + framing + the blank line
     if head.count(b"\n") != lines or head.count(b"\r") != lines or b"\x00" in head:
         for name, value in headers:
-            if "\r" in value or "\n" in value or "\x00" in value:
+            if breaks_field(value):
                 raise ValueError(f"CR, LF or NUL in the value of header {name!r}")
         raise ValueError(f"CR, LF or NUL in request-target {target!r}")
     if raw_fields:
