@@ -69,6 +69,7 @@ DECLARATIONS = 7
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # this interpreter's ABI
 TAG = SUFFIX.split(".")[1]  # ".cpython-311-x86_64-linux-gnu.so" -> "cpython-311-x86_64-linux-gnu"
 DISABLE = "CITYPLANE_NO_EXTENSIONS"
+DEBUG_INFO = "CITYPLANE_DEBUG_INFO"  # set to 1: the build keeps the C debug information (-g)
 REBUILD = "make build"
 
 # `python -m gateway.speedups` imports the gateway package first, which imports this module to
@@ -194,8 +195,13 @@ class CompiledTree:
             raise BuildError(f"{self.source(missing[0])} does not exist (gateway.speedups.MODULES)")
         hashes = {m: _sha256(self.source(m)) for m in self.modules}
         started = time.monotonic()
-        # Cython's C leaves a few helpers unused; gcc and clang would warn about each.
+        # Cython's C leaves a few helpers unused; gcc and clang would warn about each. No debug
+        # information unless CITYPLANE_DEBUG_INFO=1 (Python's CFLAGS have -g): 6 MB of modules
+        # instead of 37 MB and a build ~25 % shorter; symbols stay, so profilers (callgrind,
+        # perf) still name the C functions, only without their files and lines.
         quiet_cc = ["-Wno-unused-function"] if os.name == "posix" else []
+        if os.name == "posix" and os.environ.get(DEBUG_INFO, "") in ("", "0"):
+            quiet_cc.append("-g0")
         with tempfile.TemporaryDirectory(prefix="cityplane-speedups-") as tmp:
             self._declare(Path(tmp, "pxd"), declarations)
             sources = [
