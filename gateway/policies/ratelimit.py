@@ -82,6 +82,12 @@ class _ThrottledWarning:
 
 _store_warning = _ThrottledWarning(10.0)
 _ceil = math.ceil  # a module global: no attribute lookup on `math` per request
+_DIGITS = tuple(str(n).encode() for n in range(1000))
+
+
+def _digits(n: int) -> bytes:
+    """``n`` in decimal ASCII, from a table below 1,000."""
+    return _DIGITS[n] if 0 <= n < 1000 else str(n).encode()
 
 
 class RateLimitPolicy:
@@ -126,9 +132,9 @@ class RateLimitPolicy:
             f'"{POLICY_NAME}";q={spec.requests};w={max(1, math.ceil(spec.window))}',
         )
         # The fields on the wire: the policy alone (store down, "open"), and an allowed
-        # request's two, r and t to fill in (one bytes format).
+        # request's two, up to the value of r (then r, t and the line end, see _answer).
         self._policy_line = f"{self._policy_header[0]}: {self._policy_header[1]}\r\n".encode()
-        self._lines = self._policy_line + f'RateLimit: "{POLICY_NAME}";r=%d;t=%d\r\n'.encode()
+        self._lines = self._policy_line + f'RateLimit: "{POLICY_NAME}";r='.encode()
         self._rejected = metrics.RATELIMIT_REJECTED.labels(route=route_id)
         self._store_errors = metrics.RATELIMIT_STORE_ERRORS.labels(
             route=route_id, mode=spec.onStoreError
@@ -238,7 +244,10 @@ class RateLimitPolicy:
         allowed, limit, remaining, reset_after = decision
         seconds = max(1, _ceil(reset_after))
         if allowed:
-            exchange.response_block += self._lines % (remaining, seconds)
+            # A join of bytes, numbers from a table: a bytes % format was ~1,500 instructions.
+            exchange.response_block += b"".join(
+                [self._lines, _digits(remaining), b";t=", _digits(seconds), b"\r\n"]
+            )
             return
         state = ("RateLimit", f'"{POLICY_NAME}";r={remaining};t={seconds}')
         self._rejected.inc()

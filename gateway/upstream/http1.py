@@ -42,6 +42,7 @@ _AWAIT_HEAD = 1  # request being sent / response head not complete yet
 _BODY = 2  # response head complete, body still arriving
 _DONE = 3  # response complete, waiting for release()
 
+_V11 = b"HTTP/1.1 "
 _CRLF2 = b"\r\n\r\n"
 
 
@@ -219,6 +220,7 @@ class Http1Connection:
         "_transport",
         "_until_eof",
         "_upload",
+        "_v11",
         "_wait_since",
         "_write_failed",
         "_write_paused",
@@ -264,6 +266,7 @@ class Http1Connection:
         self._head_bytes = 0  # bytes received while the head is incomplete
         self._field_bytes = 0  # size of the header fields received (1xx included)
         self._until_eof = False
+        self._v11 = False  # the response's first bytes were "HTTP/1.1 " (see data_received)
         self._reusable = True
         self._request_sent = False
         self._response_started = False
@@ -336,7 +339,12 @@ class Http1Connection:
             if self._transport is not None:
                 self._transport.abort()
             return
-        self._response_started = True
+        if not self._response_started:
+            self._response_started = True
+            # The response's first bytes, which llhttp reads as the first status line (it
+            # starts at byte 0, else llhttp fails): "HTTP/1.1 " makes that message's version
+            # known without get_http_version(), which formats a str (~2,300 instructions).
+            self._v11 = data[:9] == _V11  # not startswith(): its arguments cost ~600 to parse
         if phase == _AWAIT_HEAD:
             self._head_bytes += len(data)
             if self._is_head:
@@ -382,6 +390,7 @@ class Http1Connection:
         parser = self._parser
         status = parser.get_status_code()
         if status < 200:
+            self._v11 = False  # the final response's status line is another one: ask llhttp
             if status == 101:
                 raise UpstreamProtocolError("unexpected 101 Switching Protocols", request_sent=True)
             return  # interim response (100 Continue, 103 Early Hints): skipped
@@ -390,10 +399,12 @@ class Http1Connection:
                 f"response head larger than {MAX_RESPONSE_HEAD} bytes", request_sent=True
             )
         tokens = self._conn_tokens
-        version = parser.get_http_version()
+        version = "1.1" if self._v11 else parser.get_http_version()
         # The Connection options as a set only when one of them can matter: in HTTP/1.1, an
         # upstream's usual "keep-alive" holds no "close" (a substring test, no split).
-        if tokens and (version != "1.1" or b"close" in tokens):
+        # find(), not `in`: Python 3.11's bytes `in` first tries its operand as an integer, and
+        # the TypeError it raises and clears makes one test ~2,000 instructions (docs/perf.md).
+        if tokens and (version != "1.1" or tokens.find(b"close") >= 0):
             options: Set[bytes] = {t.strip() for t in tokens.split(b",")}
         else:
             options = _NO_OPTIONS

@@ -573,6 +573,27 @@ async def test_http_1_0_with_keep_alive_stays_open_and_says_so(front: Front) -> 
             assert "keep-alive" in (resp.header("Connection") or "").lower()
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-packet", "split-request-line"])
+async def test_each_pipelined_request_is_read_with_its_own_version(
+    front: Front, split: bool
+) -> None:
+    # The front server reads " HTTP/1.1" off the request line that begins a packet instead of
+    # asking llhttp (h1server's data_received): the requests after it in the same packet, or a
+    # request line split over packets, must still get their own version. Served as HTTP/1.1,
+    # the HTTP/1.0 request below would be a 400 (no Host) and the connection would stay open.
+    first, second = head("GET", "/svc/1", "Host: x"), head("GET", "/svc/2", version="HTTP/1.0")
+    async with await RawClient.open(front.port) as client:
+        if split:
+            client.send(first + second[:20])  # "GET /svc/2 HTTP/1.0" without its CRLF
+            await asyncio.sleep(0.05)
+            client.send(second[20:])
+        else:
+            client.send(first + second)
+        one, two = await client.response(), await client.response()
+        assert (one.status, one.body, two.status, two.body) == (200, b"/1", 200, b"/2")
+        assert await client.closed()  # HTTP/1.0 without keep-alive
+
+
 async def test_http_2_0_request_line_gets_505_or_400_and_is_not_forwarded(front: Front) -> None:
     # RFC 9110 §6.2: 505 refuses a major version, and a response never claims a version the
     # server does not conform to ("HTTP/2.0 200" in HTTP/1 framing is neither protocol).

@@ -605,6 +605,27 @@ async def test_http10_upstream_body_until_close_and_keep_alive_opt_in(
         assert upstream.connections == 3
 
 
+async def test_a_final_http10_response_after_an_http11_interim_one_is_not_kept_alive(
+    make_pool: Callable[..., HostPool],
+) -> None:
+    # The client reads "HTTP/1.1 " off a response's first bytes instead of asking llhttp
+    # (http1's data_received); a 1xx before the final response must not lend it its version.
+    async def interim_then_10(r: asyncio.StreamReader, w: asyncio.StreamWriter, n: int) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 103 Early Hints\r\n\r\nHTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await w.drain()
+        await r.read()
+
+    async with RawUpstream(interim_then_10) as upstream:
+        pool = make_pool(upstream.port)
+        for _ in range(2):
+            resp = await pool.request("GET", "/", HOST, timeout=5)
+            assert (resp.status, resp.keep_alive) == (200, False)
+            assert await resp.read() == b"ok"
+            resp.release()
+        assert upstream.connections == 2
+
+
 # -- failures -----------------------------------------------------------------------------------
 
 
@@ -777,8 +798,9 @@ async def test_header_injection_and_pool_owned_headers_are_refused_before_connec
     pool = make_pool(refused_port())  # a ValueError, not a connect error: nothing was tried
     with pytest.raises(ValueError):
         await pool.request("GET", "/", HOST + headers, timeout=1)
-    with pytest.raises(ValueError):
-        await pool.request("GET", "/a b", HOST, timeout=1)
+    for target in ("/a b", "/a\r\nX-Injected: 1", "/a\nb", "/a\x00b"):
+        with pytest.raises(ValueError):
+            await pool.request("GET", target, HOST, timeout=1)
     assert pool.in_flight == 0
 
 
