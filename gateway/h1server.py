@@ -72,6 +72,20 @@ _WATCHED_AS_SENT = {**_WATCHED, **{name.title(): kind for name, kind in _WATCHED
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 
 
+def content_length_field(length: int) -> bytes:
+    """The ``Content-Length`` line for ``length``, from a bounded table: responses repeat their
+    sizes, and a bytes % format is ~1,500 instructions."""
+    if length in _LENGTH_FIELDS:  # `in` and [] are C calls compiled
+        return _LENGTH_FIELDS[length]
+    field = f"Content-Length: {length}\r\n".encode("ascii")
+    if len(_LENGTH_FIELDS) < 4096:
+        _LENGTH_FIELDS[length] = field
+    return field
+
+
+_LENGTH_FIELDS: dict[int, bytes] = {}
+
+
 def status_line(status: int, reason: str | None = None) -> bytes:
     key = (status, reason)
     if key in _STATUS_LINES:  # `in` and [] are C calls compiled; .get() a call by name
@@ -332,6 +346,8 @@ class ClientConnection:
         "_head_size",
         "_head_started",
         "_held",
+        "_host_raw",
+        "_host_text",
         "_idle_since",
         "_in_body",
         "_in_head",
@@ -381,6 +397,8 @@ class ClientConnection:
         self._in_head = False
         self._in_body = False
         self._v11 = False  # the next head to complete is HTTP/1.1 (see data_received)
+        self._host_raw = b""  # the last Host field's bytes and its text (see on_header)
+        self._host_text = "-"  # what an empty Host field reads as
         # Requests whose head is complete, in order; the first is being handled.
         self._queue: deque[IncomingRequest] = deque()
         # One task per connection runs the handler for each request in turn and, between
@@ -552,7 +570,12 @@ class ClientConnection:
         if kind == _HOST:
             if req.host:
                 raise _HeadRefused(Problem(400, "bad-request", "more than one Host field"))
-            req.host = value.decode("latin-1") or "-"
+            # A connection's requests name the same host: its text is kept (decode() ~630).
+            if value == self._host_raw:
+                req.host = self._host_text
+            else:
+                req.host = value.decode("latin-1") or "-"
+                self._host_raw, self._host_text = value, req.host
         elif kind == _CL:
             req.content_length = int(value)  # llhttp checked: digits only, never two
         elif kind == _TE:
@@ -786,7 +809,7 @@ class ClientConnection:
             (
                 status_line(status, reason),
                 fields,
-                b"Content-Length: %d\r\n" % len(body) if _has_length(status) else b"",
+                content_length_field(len(body)) if _has_length(status) else b"",
                 date_header(self.loop.time() + self._clock_offset),
                 self._connection_field(req, close),
                 b"\r\n",
@@ -850,7 +873,7 @@ class ClientConnection:
         self._chunked_out = False
         if content_length is not None:
             if status >= 200 and status != 204:  # a 304 may repeat the representation's length
-                framing = b"Content-Length: %d\r\n" % content_length
+                framing = content_length_field(content_length)
         elif with_body:
             if req.version == "1.1":
                 framing = b"Transfer-Encoding: chunked\r\n"

@@ -156,7 +156,7 @@ class LocalStore:
 
     def hit_now(self, key: str, limit: int, window: float) -> Decision:
         """``hit`` without a coroutine: the in-process store never waits (ADR 14)."""
-        now_us = round(self._clock() * _US)
+        now_us = int(self._clock() * _US + 0.5)  # round() is a call by name (~670 instructions)
         window_us = window_micros(self._windows_us, window)
         index = now_us // window_us
         counters = self._counters

@@ -594,6 +594,20 @@ async def test_each_pipelined_request_is_read_with_its_own_version(
         assert await client.closed()  # HTTP/1.0 without keep-alive
 
 
+async def test_each_request_on_a_connection_is_forwarded_with_its_own_host(front: Front) -> None:
+    # The front server keeps the text of a connection's last Host field (h1server's on_header):
+    # a request naming another host, or an empty one, must not get the one before it.
+    for hosts in (["a.example", "b.example", "a.example", "", "a.example"], ["", "a.example"]):
+        async with await RawClient.open(front.port) as client:
+            for n, host in enumerate(hosts):
+                resp = await client.exchange(head("GET", f"/svc/{n}", f"Host: {host}"))
+                assert resp.status == 200
+    assert [r.header("X-Forwarded-Host") for r in front.up.requests] == [
+        *("a.example", "b.example", "a.example", "-", "a.example"),
+        *("-", "a.example"),
+    ]
+
+
 async def test_http_2_0_request_line_gets_505_or_400_and_is_not_forwarded(front: Front) -> None:
     # RFC 9110 §6.2: 505 refuses a major version, and a response never claims a version the
     # server does not conform to ("HTTP/2.0 200" in HTTP/1 framing is neither protocol).
