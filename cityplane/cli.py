@@ -201,6 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     idp.add_argument("--signing-alg", choices=("ES256", "RS256"), default="ES256")
     idp.add_argument(
+        "--key-secret-file",
+        type=Path,
+        default=_env("KEY_SECRET_FILE"),
+        help="secret that encrypts the signing keys at rest (or CITYPLANE_KEY_SECRET; "
+        "default: generated next to the SQLite database, none with --database-url)",
+    )
+    idp.add_argument(
+        "--previous-key-secret-file",
+        type=Path,
+        default=_env("PREVIOUS_KEY_SECRET_FILE"),
+        help="the key secret before a rotation: keys it opens are re-encrypted "
+        "(or CITYPLANE_PREVIOUS_KEY_SECRET)",
+    )
+    idp.add_argument(
         "--realname-registry",
         type=Path,
         default=_env("REALNAME_REGISTRY"),
@@ -439,6 +453,7 @@ def _run_identity(args: argparse.Namespace) -> int:
     from cityplane.documents import DocumentError, load_yaml_mapping
     from identity.app import IdentityStartError, run
     from identity.hub import IdentitySettings
+    from identity.key_encryption import KeySecretError, configured_key_secret
 
     trust: dict[str, Any] | None = None
     federation: list[dict[str, Any]] = []
@@ -450,7 +465,20 @@ def _run_identity(args: argparse.Namespace) -> int:
             if not isinstance(providers, list):
                 raise CliError(f"{args.federation}: 'providers' must be a list", EXIT_CONFIG)
             federation = providers
-    except DocumentError as exc:
+        # The secrets' values come from files or the environment, never flags (`ps` shows those).
+        key_secret = configured_key_secret(
+            args.key_secret_file,
+            _env("KEY_SECRET"),
+            flag="--key-secret-file",
+            env="CITYPLANE_KEY_SECRET",
+        )
+        previous_key_secret = configured_key_secret(
+            args.previous_key_secret_file,
+            _env("PREVIOUS_KEY_SECRET"),
+            flag="--previous-key-secret-file",
+            env="CITYPLANE_PREVIOUS_KEY_SECRET",
+        )
+    except (DocumentError, KeySecretError) as exc:
         raise CliError(str(exc), EXIT_CONFIG) from None
     _use_uvloop()
     settings = IdentitySettings(
@@ -463,6 +491,8 @@ def _run_identity(args: argparse.Namespace) -> int:
         admin_token_file=args.admin_token_file,
         trust_config=trust,
         signing_alg=args.signing_alg,
+        key_secret=key_secret,
+        previous_key_secret=previous_key_secret,
         realname_registry=args.realname_registry,
         sms_outbox=args.sms_outbox,
         federation=federation,

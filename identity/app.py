@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cityplane.httperrors import ProblemAppRunner
 from cityplane.problem import Problem
@@ -34,7 +35,12 @@ from identity.bruteforce import LocalThrottleStore, LoginThrottle, RedisThrottle
 from identity.demo import seed_demo
 from identity.federation import Upstream, UpstreamProvider
 from identity.hub import HUB, Hub, IdentitySettings
-from identity.keys import KeyRing
+from identity.key_encryption import (
+    KeyEncryption,
+    KeySecretError,
+    load_or_create_key_secret,
+)
+from identity.keys import KeyRing, stored_keys_encrypted
 from identity.oidc import endpoints
 from identity.oidc.server import HubAuthorizationServer
 from identity.sessions import RedisSessions
@@ -274,14 +280,18 @@ async def start_identity(settings: IdentitySettings) -> RunningIdentity:
             )
         store = IdentityStore(engine, sessions=RedisSessions(redis) if redis else None)
         longest = max(settings.access_token_ttl, settings.id_token_ttl)
-        keys = KeyRing(
-            engine,
-            alg=settings.signing_alg,
-            token_lifetime=longest,
-            publish_ahead=settings.key_publish_ahead,
-            rotate_after=settings.key_rotate_after,
-        )
-        await keys.ensure()
+        try:
+            keys = KeyRing(
+                engine,
+                alg=settings.signing_alg,
+                token_lifetime=longest,
+                publish_ahead=settings.key_publish_ahead,
+                rotate_after=settings.key_rotate_after,
+                encryption=await _key_encryption(settings, engine),
+            )
+            await keys.ensure()
+        except KeySecretError as exc:
+            raise IdentityStartError(str(exc)) from None
         audit = AuditLog(engine)
         throttle_store: Any = RedisThrottleStore(redis) if redis else LocalThrottleStore()
         sock = _bind(settings.host, settings.port)
@@ -341,12 +351,40 @@ async def start_identity(settings: IdentitySettings) -> RunningIdentity:
     return RunningIdentity(runner, hub, port, tasks)
 
 
+async def _key_encryption(settings: IdentitySettings, engine: AsyncEngine) -> KeyEncryption:
+    """The key secret given, else the hub's own next to its SQLite database; without either
+    (a database by URL and no secret) keys stay plain, as before ADR 20, with a warning."""
+    secret = settings.key_secret
+    own = settings.generated_key_secret_file()
+    if own is not None:
+        if not own.exists() and await stored_keys_encrypted(engine):
+            raise KeySecretError(
+                f"the signing keys are encrypted but their key secret file {own} is missing: "
+                "restore it, or give that secret with --key-secret-file"
+            )
+        secret = load_or_create_key_secret(own)
+    elif secret is None and settings.previous_key_secret is None:
+        if await stored_keys_encrypted(engine):
+            raise KeySecretError(
+                "the signing keys are encrypted but no key secret is set: give the hub a key "
+                "secret with --key-secret-file or CITYPLANE_KEY_SECRET"
+            )
+        log.warning(
+            "signing keys are stored unencrypted in the database: give the hub a key secret "
+            "(--key-secret-file or CITYPLANE_KEY_SECRET; "
+            "docs/adr/0020-signing-keys-encrypted-at-rest.md)"
+        )
+    return KeyEncryption(secret, settings.previous_key_secret)
+
+
 async def _maintain_keys(keys: KeyRing, interval: float = 60.0) -> None:
     """Pick up keys other replicas made and rotate when due."""
     while True:
         await asyncio.sleep(interval)
         try:
             await keys.ensure()
+        except KeySecretError as exc:  # a new key sealed with a secret this replica lacks
+            log.error("key maintenance: %s; trying again", exc)
         except Exception:  # a dead maintainer would stop rotation silently
             log.exception("key maintenance failed; trying again")
 

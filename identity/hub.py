@@ -17,6 +17,7 @@ from cityplane.storage import sqlite_url
 from identity.audit import AuditLog
 from identity.bruteforce import LoginThrottle
 from identity.federation import Upstream
+from identity.key_encryption import KeySecret
 from identity.keys import KeyRing
 from identity.oidc.server import HubAuthorizationServer
 from identity.store import Account, IdentityStore
@@ -46,6 +47,11 @@ class IdentitySettings:
     session_ttl: float = 12 * 3600.0
     key_publish_ahead: float = 600.0
     key_rotate_after: float = 30 * 86400.0
+    # Encrypts the signing keys at rest (docs/adr/0020-signing-keys-encrypted-at-rest.md). None:
+    # with the default SQLite, generated into <data_dir>/identity/key-secret; with a
+    # database_url, keys are stored unencrypted (a warning at start).
+    key_secret: KeySecret | None = None
+    previous_key_secret: KeySecret | None = None  # opens keys sealed before a secret rotation
     federation: list[dict[str, Any]] = field(default_factory=list)  # upstream providers
     sms_outbox: Path | None = None  # None: <data_dir>/identity/sms-outbox.jsonl
     realname_registry: Path | None = None  # reference authority file (development)
@@ -59,6 +65,13 @@ class IdentitySettings:
 
     def resolved_admin_token_file(self) -> Path:
         return self.admin_token_file or self.data_dir / "identity-admin-token"
+
+    def generated_key_secret_file(self) -> Path | None:
+        """Where the hub keeps a key secret of its own: next to the SQLite database it owns, on
+        the same disk (and in the same backups). None when the database is given by URL."""
+        if self.key_secret is not None or self.database_url is not None:
+            return None
+        return self.data_dir / "identity" / "key-secret"
 
 
 class HubMetrics:

@@ -3,7 +3,8 @@
 A key's life: published in the JWKS from `created_at`, signs from `active_from` (a rotation
 creates the next key `publish_ahead` seconds before it signs, so caches holding the old JWKS
 learn it first), stops signing at `retire_at`, and leaves the JWKS at `expire_at`, after the
-longest-lived token it signed has expired. Replicas share keys through the database.
+longest-lived token it signed has expired. Replicas share keys through the database, where
+the private keys are sealed with the hub's key secret (`key_encryption.py`, ADR 20).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import jwt
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cityplane.storage import is_postgresql, writer
+from identity.key_encryption import KeyEncryption, KeySecretError, is_encrypted
 from identity.models import signing_keys
 
 log = logging.getLogger(__name__)
@@ -61,12 +62,21 @@ def _generate(alg: str) -> tuple[Any, dict[str, Any]]:
     return private, jwk
 
 
-def _pem(private: Any) -> str:
-    return private.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()
+async def stored_keys_encrypted(engine: AsyncEngine) -> bool:
+    """Whether the database holds a signing key sealed with some key secret."""
+    async with engine.connect() as conn:
+        pems = (await conn.execute(select(signing_keys.c.private_pem))).scalars().all()
+    return any(is_encrypted(pem) for pem in pems)
+
+
+@dataclass(slots=True)
+class _Opened:
+    """A stored key as this ring opened it: the text it read, and whether that is sealed with the
+    current secret (else `reseal` rewrites it)."""
+
+    pem: str
+    private: Any
+    current: bool
 
 
 class KeyRing:
@@ -78,6 +88,7 @@ class KeyRing:
         token_lifetime: float = 3600.0,
         publish_ahead: float = 600.0,
         rotate_after: float = 30 * 86400.0,
+        encryption: KeyEncryption | None = None,
     ) -> None:
         if alg not in ALGORITHMS:
             raise ValueError(f"unsupported signing algorithm {alg!r} (use one of {ALGORITHMS})")
@@ -88,20 +99,25 @@ class KeyRing:
         self.token_lifetime = token_lifetime  # the longest lifetime of anything we sign
         self.publish_ahead = publish_ahead
         self.rotate_after = rotate_after
+        self.encryption = encryption or KeyEncryption(None)
         self._keys: list[SigningKey] = []
+        self._opened: dict[str, _Opened] = {}
         self._jwks_cache: tuple[float, bytes] | None = None
 
     async def load(self) -> None:
+        """Read every key. Raises KeySecretError, before anything is written, when a key this
+        ring has not held yet does not open with its secrets."""
         async with self._engine.connect() as conn:
             rows = (await conn.execute(select(signing_keys))).mappings().all()
         keys = []
+        opened = {}
         for row in rows:
-            private = serialization.load_pem_private_key(row["private_pem"].encode(), None)
+            seen = opened[row["kid"]] = self._open(row["kid"], row["private_pem"])
             keys.append(
                 SigningKey(
                     row["kid"],
                     row["alg"],
-                    private,
+                    seen.private,
                     dict(row["public_jwk"]),
                     row["created_at"],
                     row["active_from"],
@@ -111,14 +127,62 @@ class KeyRing:
             )
         keys.sort(key=lambda k: k.active_from)
         self._keys = keys
+        self._opened = opened
         self._jwks_cache = None
+
+    def _open(self, kid: str, pem: str) -> _Opened:
+        # Decrypting costs ~0.5 ms (PBKDF2, 2,048 rounds) on the event loop: done once per key
+        # and text, not on every minute's load.
+        held = self._opened.get(kid)
+        if held is not None and held.pem == pem:
+            return held
+        try:
+            private, current = self.encryption.unseal(kid, pem)
+        except KeySecretError:
+            if held is None:
+                raise
+            # Another replica re-encrypted it with a secret this one lacks (a secret rotation
+            # rolling out). A key never changes under its kid: keep signing with the one held,
+            # and leave the row alone (sealing it back with an older secret would undo theirs).
+            log.warning(
+                "signing key %s was re-encrypted with a key secret this hub does not have; "
+                "using the copy loaded before (restart it with the new secret)",
+                kid,
+            )
+            return _Opened(pem, held.private, current=True)
+        return _Opened(pem, private, current)
+
+    async def reseal(self) -> int:
+        """Rewrite the keys that are stored plain, or sealed with the previous secret, sealed
+        with the current one. Each row changes only if it still holds the text that was read,
+        so replicas doing this together write each key once. Returns how many were rewritten."""
+        stale = {kid: seen for kid, seen in self._opened.items() if not seen.current}
+        if not stale:
+            return 0
+        rewritten = 0
+        async with writer(self._engine).begin() as conn:
+            if is_postgresql(self._engine):
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _KEYS_LOCK})
+            for kid, seen in stale.items():
+                result = await conn.execute(
+                    update(signing_keys)
+                    .where(signing_keys.c.kid == kid, signing_keys.c.private_pem == seen.pem)
+                    .values(private_pem=self.encryption.seal(seen.private))
+                )
+                rewritten += result.rowcount
+        if rewritten:
+            log.info("re-encrypted %d signing keys with the current key secret", rewritten)
+        await self.load()
+        return rewritten
 
     async def ensure(self, now: float | None = None) -> None:
         """Each algorithm has a key that signs now (first start: one that signs at once); rotate
         when a signing key is older than `rotate_after`. Replicas decide under one lock, so two
-        hubs starting together on one database make one key per algorithm, not two."""
+        hubs starting together on one database make one key per algorithm, not two. Keys not
+        sealed with the current secret are resealed first (`reseal`)."""
         now = time.time() if now is None else now
-        await self.load()
+        await self.load()  # a key that does not open stops here: nothing is made over it
+        await self.reseal()
         for alg in self.algorithms:
             current = self._signing_or_none(now, alg)
             due = current is None or (
@@ -196,7 +260,7 @@ class KeyRing:
                 insert(signing_keys).values(
                     kid=kid,
                     alg=alg,
-                    private_pem=_pem(private),
+                    private_pem=self.encryption.seal(private),
                     public_jwk=jwk,
                     created_at=now,
                     active_from=active_from,

@@ -272,6 +272,10 @@ def test_notes_say_how_to_reach_the_gateway_get_the_admin_token_and_apply_a_reso
             },
             "identity.replicaCount > 1 needs postgresql.enabled and redis.enabled",
         ),
+        (
+            {"identity": {"keySecret": {"previousKey": "old"}}},
+            "identity.keySecret.previousKey needs identity.keySecret.existingSecret",
+        ),
     ],
 )
 def test_values_that_cannot_work_fail_with_a_message_that_says_why(
@@ -326,3 +330,48 @@ def test_identity_arguments_are_accepted_by_the_real_command_line() -> None:
         pytest.skip("`cityplane identity` does not take --issuer/--data-dir/--admin-token-file yet")
     assert hub.issuer == "https://id.city.example"
     assert (hub.host, hub.port) == ("0.0.0.0", 8070)
+
+
+def _key_secret_files(objects: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """flag -> (Secret, key) for each key-secret flag of the hub, followed through its mount."""
+    spec = find(objects, "Deployment", f"{FULL}-identity")["spec"]["template"]["spec"]
+    (main,) = spec["containers"]
+    hub = build_parser().parse_args(main["args"])
+    found = {}
+    for flag, path in (
+        ("--key-secret-file", hub.key_secret_file),
+        ("--previous-key-secret-file", hub.previous_key_secret_file),
+    ):
+        if path is None:
+            continue
+        mount = next(m for m in main["volumeMounts"] if str(path.parent) == m["mountPath"])
+        assert mount["readOnly"] is True
+        volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])["secret"]
+        key = next(i["key"] for i in volume["items"] if i["path"] == path.name)
+        found[flag] = (volume["secretName"], key)
+    return found
+
+
+def test_the_hub_reads_its_key_secret_from_an_existing_secret_mounted_as_a_file() -> None:
+    assert _key_secret_files(render()) == {}  # embedded: the hub makes its own on its PVC
+    assert _key_secret_files(render(production_values())) == {
+        "--key-secret-file": ("cityplane-identity-key", "key-secret")
+    }
+    rotating = {"keySecret": {"existingSecret": "hub-keys", "key": "new", "previousKey": "old"}}
+    objects = render({"identity": rotating})
+    assert _key_secret_files(objects) == {
+        "--key-secret-file": ("hub-keys", "new"),
+        "--previous-key-secret-file": ("hub-keys", "old"),
+    }
+    for _, pod in pod_specs(objects):  # the secret's value is never in a spec, only its name
+        for c in pod["containers"]:
+            assert not any("KEY_SECRET" in e["name"] for e in c.get("env", []))
+
+
+def test_notes_warn_when_the_hub_keeps_plain_signing_keys_in_postgresql() -> None:
+    warning = "stores its signing keys unencrypted in PostgreSQL"
+    prod = production_values()
+    assert warning not in render_files(prod)[f"{CHART.name}/templates/NOTES.txt"]
+    prod["identity"].pop("keySecret")
+    assert warning in render_files(prod)[f"{CHART.name}/templates/NOTES.txt"]
+    assert warning not in notes()  # embedded: keys sealed with the hub's own secret

@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from typing import Any, ClassVar
 
 import helm_python as helm
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from tests.charts.chart_support import RELEASE, container, find, render
 
@@ -43,6 +45,7 @@ class RenderedContainer:
         deployment: str,
         scratch: Path,
         replace: dict[str, str],
+        existing_secrets: dict[str, dict[str, bytes]] | None = None,
     ) -> None:
         spec = find(objects, "Deployment", deployment)["spec"]["template"]["spec"]
         self.container = container(objects, deployment)
@@ -59,9 +62,13 @@ class RenderedContainer:
             paths[mount["mountPath"]] = str(local)
             secret = volumes[mount["name"]].get("secret")
             if secret:
-                data = find(objects, "Secret", secret["secretName"])["data"]
+                # A Secret the chart renders, or one the user created beforehand (`existing…`).
+                data = (existing_secrets or {}).get(secret["secretName"]) or {
+                    key: base64.b64decode(value)
+                    for key, value in find(objects, "Secret", secret["secretName"])["data"].items()
+                }
                 for item in secret["items"]:
-                    (local / item["path"]).write_bytes(base64.b64decode(data[item["key"]]))
+                    (local / item["path"]).write_bytes(data[item["key"]])
                     (local / item["path"]).chmod(0o600)
             configmap = volumes[mount["name"]].get("configMap")
             if configmap:
@@ -286,3 +293,31 @@ def test_the_rendered_identity_hub_starts_with_its_trust_config_and_serves_disco
 def test_a_trust_config_pasted_with_its_top_level_key_is_refused() -> None:
     with pytest.raises(helm.HelmValuesError, match="trust"):
         render({"identity": {"trustConfig": {"trust": {"levels": {}}}}})
+
+
+def test_the_rendered_hub_seals_its_keys_with_the_key_secret_from_an_existing_secret(
+    tmp_path: Path,
+) -> None:
+    new, old = (
+        b"new-key-secret-0123456789abcdefghijklmnopq\n",
+        b"old-key-secret-0123456789abcdefghijklmnopq\n",
+    )
+    key_secret = {"existingSecret": "hub-keys", "key": "new", "previousKey": "old"}
+    objects = render({"identity": {"keySecret": key_secret}})
+    scratch = tmp_path / "identity"
+    hub = RenderedContainer(
+        objects, f"{FULL}-identity", scratch, {}, {"hub-keys": {"new": new, "old": old}}
+    )
+    try:
+        for url in hub.probes().values():
+            assert hub.wait_until_ok(url, within=40) == 200
+    finally:
+        hub.stop()
+    database = scratch / "data" / "identity" / "identity.db"
+    with sqlite3.connect(database) as conn:
+        pems = [row[0] for row in conn.execute("SELECT private_pem FROM signing_keys")]
+    assert len(pems) == 2
+    for pem in pems:
+        assert pem.startswith("-----BEGIN ENCRYPTED PRIVATE KEY-----")
+        serialization.load_pem_private_key(pem.encode(), new.strip())
+    assert not (scratch / "data" / "identity" / "key-secret").exists()  # none of its own

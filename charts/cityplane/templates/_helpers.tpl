@@ -277,6 +277,9 @@ CITYPLANE_LOG_LEVEL: {{ .ctx.Values.logLevel | quote }}
 {{- if and .Values.identity.enabled (gt (int .Values.identity.replicaCount) 1) (not (and $pg.enabled $redis.enabled)) }}
 {{- fail "identity.replicaCount > 1 needs postgresql.enabled and redis.enabled" }}
 {{- end }}
+{{- if and .Values.identity.keySecret.previousKey (not .Values.identity.keySecret.existingSecret) }}
+{{- fail "identity.keySecret.previousKey needs identity.keySecret.existingSecret (the Secret holding both)" }}
+{{- end }}
 {{- $as := .Values.gateway.autoscaling }}
 {{- if and $as.enabled $as.targetCPUUtilizationPercentage (not (dig "requests" "cpu" "" (default dict .Values.gateway.resources))) }}
 {{- fail "gateway.autoscaling on CPU needs gateway.resources.requests.cpu: utilization is measured against the request" }}
