@@ -123,13 +123,14 @@ def forwarded_fields(
     prior_fwd: list[str] = []
     has_proto = has_host = False
     kinds = _RAW_NAMES
+    # `out` holds each kept field as four pieces (name, ": ", value, CRLF), joined once at the
+    # end: three concatenations per field were ~1,000 instructions.
     for raw_name, raw_value in raw_headers:
-        known = kinds.get(raw_name)
-        if known is None:
-            known = _classify(raw_name)
+        # `in` and [] are C calls compiled; .get() a call by name.
+        known = kinds[raw_name] if raw_name in kinds else _classify(raw_name)
         lname, kind = known
         if kind == _FORWARD:
-            out.append(raw_name + b": " + raw_value + b"\r\n")
+            out += (raw_name, b": ", raw_value, b"\r\n")
             continue
         if kind == _DROP:
             continue
@@ -147,10 +148,14 @@ def forwarded_fields(
             else:
                 has_proto = has_proto or lname == b"x-forwarded-proto"
                 has_host = has_host or lname == b"x-forwarded-host"
-                out.append(raw_name + b": " + raw_value + b"\r\n")
+                out += (raw_name, b": ", raw_value, b"\r\n")
     if connection_named:
         # RFC 9110 §7.6.1: fields the Connection field names are hop-by-hop too.
-        out = [f for f in out if f.split(b":", 1)[0].lower() not in connection_named]
+        kept: list[bytes] = []
+        for i in range(0, len(out), 4):
+            if out[i].lower() not in connection_named:
+                kept += out[i : i + 4]
+        out = kept
         if b"x-forwarded-proto" in connection_named:
             has_proto = False
         if b"x-forwarded-host" in connection_named:
