@@ -15,19 +15,13 @@ import pytest
 from aiohttp import ClientSession, encode_basic_auth
 
 from cityplane.documents import load_documents
+from tests.cli_process import run_cli
 from tests.gateway.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def cli(*args: str, cwd: Path = ROOT, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cityplane.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+cli = run_cli
 
 
 def test_malformed_config_is_one_line_and_exit_3(tmp_path: Path) -> None:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import stat
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -34,6 +32,7 @@ from cityplane.context import (
 )
 from cityplane.problem import PROBLEM_CONTENT_TYPE, Problem
 from cityplane.schema import CityService
+from tests.cli_process import environment, run_cli
 from tests.gateway.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -295,14 +294,7 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cityplane.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={**os.environ, **(env or {})},
-    )
+    return run_cli(*args, env=environment(env))
 
 
 def one_line(stderr: str) -> str:

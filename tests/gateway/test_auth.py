@@ -14,8 +14,6 @@ import hashlib
 import hmac
 import json
 import re
-import subprocess
-import sys
 import time
 import timeit
 import uuid
@@ -38,6 +36,7 @@ from gateway.exchange import Exchange
 from gateway.h1server import detached_request
 from gateway.jwks import LEEWAY, TokenVerifier, refresh_interval
 from gateway.policies.auth import AuthPolicy
+from tests.cli_process import run_cli
 from tests.conftest import Upstream, problem, service
 from tests.gateway.procs import free_port
 
@@ -808,15 +807,7 @@ async def test_cached_token_check_costs_under_fifty_microseconds(
 # --- configuration ----------------------------------------------------------------------------
 
 
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cityplane.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=env,
-    )
+cli = run_cli  # the whole environment in `env`, as a deployment gives it
 
 
 def _auth_config(tmp_path: Path) -> Path:

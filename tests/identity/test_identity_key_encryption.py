@@ -30,6 +30,7 @@ from identity.hub import IdentitySettings
 from identity.key_encryption import KeyEncryption, KeySecret, KeySecretError
 from identity.keys import KeyRing
 from identity.models import signing_keys
+from tests.cli_process import environment, run_cli
 from tests.identity.conftest import basic, demo_secret
 from tests.registry.support import postgres_available, postgres_database, sql
 
@@ -323,14 +324,8 @@ def test_a_secret_never_shows_in_a_repr() -> None:
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cityplane.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={k: v for k, v in os.environ.items() if not k.startswith("CITYPLANE_")} | (env or {}),
-    )
+    # No CITYPLANE_ setting of the machine leaks in: the key secret must come from `env`.
+    return run_cli(*args, env=environment(env, without_prefix="CITYPLANE_"), timeout=60)
 
 
 def secret_file(path: Path, secret: KeySecret) -> Path:
