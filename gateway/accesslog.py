@@ -137,7 +137,10 @@ def request_line(
     """The compact JSON object of a request's fields (``ensure_ascii=False``), in this order:
     ``ts`` (Unix time in seconds) and ``duration_ms`` with exactly three decimals, the strings
     through json's own encoder. Both numbers come from integers (milliseconds, microseconds):
-    ``round()`` and ``repr()`` of floats were 9k of the 25k instructions a line cost."""
+    ``round()`` and ``repr()`` of floats were 9k of the 25k instructions a line cost.
+
+    ``request_id`` is the gateway's own or a client's that passed the request path's pattern
+    (letters, digits and ``._:-``): it is written between quotes as it is, no escaping."""
     return line_head(ts_ms, request_id, client, method, path, status, duration_us) + line_tail(
         service, route, upstream
     )
@@ -171,7 +174,7 @@ def line_head(
             _CLIENTS[client] = client_json
     method_json = _METHODS[method] if method in _METHODS else esc(method)
     return (
-        f'{{"ts":{last[1]}.{_DECIMALS[ms]},"request_id":{esc(request_id)},'
+        f'{{"ts":{last[1]}.{_DECIMALS[ms]},"request_id":"{request_id}",'
         f'"client":{client_json},"method":{method_json},'
         f'"path":{esc(path)},"status":{_NUMBERS[code] if 0 <= code < 1000 else code},'
         f'"duration_ms":{_NUMBERS[whole] if 0 <= whole < 1000 else whole}.{_DECIMALS[us]},'

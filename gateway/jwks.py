@@ -166,13 +166,17 @@ class TokenVerifier:
             return None
         return entry
 
-    async def verify(self, token: str) -> VerifiedToken:
-        entry = self.cached(token)
+    async def verify(self, token: str, *, key: str | None = None) -> VerifiedToken:
+        """Verify ``token``, or take it from the cache under ``key`` (the token itself by
+        default; the gateway's auth policy uses the whole Authorization field, which it has
+        as one str per connection and need not slice)."""
+        key = token if key is None else key
+        entry = self.cached(key)
         if entry is not None:
             return entry
         claims = await self._decoder.decode(token)
         entry = VerifiedToken(claims, float(claims["exp"]) + LEEWAY)
-        self._remember(token, entry)
+        self._remember(key, entry)
         return entry
 
     def _remember(self, token: str, entry: VerifiedToken) -> None:

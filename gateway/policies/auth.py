@@ -40,6 +40,20 @@ def _quoted(description: str) -> str:
     return "".join(c if " " <= c <= "~" and c not in '"\\' else "?" for c in description)
 
 
+def _bearer(value: str) -> str | None:
+    """The token of an Authorization field's value, or ``None`` for another scheme."""
+    # The scheme is what precedes the first space. RFC 9110 §11.1: it is case-insensitive.
+    # Another scheme (Basic, …) is not a bearer token: the request has none, and the header
+    # goes upstream untouched. Slices and compares, no method calls: "Bearer" as written by
+    # nearly every client is one compare.
+    scheme = value[:6]
+    if (scheme != "Bearer" and scheme.lower() != "bearer") or value[6:7] not in ("", " "):
+        return None
+    # RFC 7235 allows more than one space after the scheme.
+    token = value[7:]
+    return token.lstrip(" ") if token[:1] == " " else token
+
+
 class AuthPolicy:
     """The ``auth`` block of one route, compiled once: every challenge header is built here."""
 
@@ -104,13 +118,28 @@ class AuthPolicy:
     def check_now(self, exchange: Exchange) -> bool:
         """Decide without waiting if the token is absent, not a bearer token, or verified
         before (the cache); ``False`` when it has to be verified (``check``)."""
-        token = self._bearer(exchange)
-        if token is None:
+        # RFC 6750 §2.1: the Authorization header only; tokens in the query are not looked at.
+        request = exchange.request
+        value = request.authorization
+        if value is None:
             self._no_token()
             return True
-        verified = self._verifier.cached(token)
+        if request.authorizations != 1:
+            self._invalid("More than one Authorization header")
+        # The cache is keyed by the field's text: a connection's requests share one str whose
+        # hash is kept (gateway/h1server.py), and the token needs no slicing out first.
+        verified = self._verifier.cached(value)
         if verified is None:
-            return False
+            token = _bearer(value)
+            if token is None:
+                self._no_token()
+                return True
+            # Verified before under the token itself (`TokenVerifier.verify` without a key).
+            # A spelling not seen yet ("Bearer  t", "bearer t") is verified by `check` and
+            # remembered under its own text.
+            verified = self._verifier.cached(token)
+            if verified is None:
+                return False
         self._admit(exchange, verified)
         return True
 
@@ -120,29 +149,11 @@ class AuthPolicy:
     async def check(self, exchange: Exchange) -> None:
         if self.check_now(exchange):
             return
-        token = self._bearer(exchange)
-        assert token is not None  # check_now decided every request without one
-        self._admit(exchange, await self._verify(token))
-
-    def _bearer(self, exchange: Exchange) -> str | None:
-        # RFC 6750 §2.1: the Authorization header only; tokens in the query are not looked at.
-        values = exchange.request.field_values("Authorization")
-        if not values:
-            return None
-        if len(values) != 1:
-            self._invalid("More than one Authorization header")
-        value = values[0]
-        # The scheme is what precedes the first space. RFC 9110 §11.1: it is case-insensitive.
-        # Another scheme (Basic, …) is not a bearer token: the request has none, and the
-        # header goes upstream untouched. Slices and compares, no method calls: "Bearer" as
-        # written by nearly every client is one compare.
-        scheme = value[:6]
-        if (scheme != "Bearer" and scheme.lower() != "bearer") or value[6:7] not in ("", " "):
-            return None
-        # RFC 7235 allows more than one space after the scheme: the cache is keyed by the
-        # token itself, so "Bearer  t" and "Bearer t" are one entry.
-        token = value[7:]
-        return token.lstrip(" ") if token[:1] == " " else token
+        value = exchange.request.authorization
+        assert value is not None  # check_now decided every request without one
+        token = _bearer(value)
+        assert token is not None
+        self._admit(exchange, await self._verify(token, value))
 
     def _admit(self, exchange: Exchange, verified: VerifiedToken) -> None:
         if not self._scopes <= verified.scopes:
@@ -163,11 +174,11 @@ class AuthPolicy:
         exchange.identity = verified.claims
         exchange.upstream_block += verified.header_block
 
-    async def _verify(self, token: str) -> VerifiedToken:
+    async def _verify(self, token: str, field: str) -> VerifiedToken:
         if not _B64TOKEN.match(token):
             self._invalid("The Authorization header does not carry a bearer token")
         try:
-            return await self._verifier.verify(token)
+            return await self._verifier.verify(token, key=field)
         except InvalidToken as exc:
             self._invalid(exc.description)
         except KeysUnavailable as exc:

@@ -39,6 +39,7 @@ from gateway.policies.auth import AuthPolicy
 from tests.cli_process import run_cli
 from tests.conftest import Upstream, problem, service
 from tests.gateway.procs import free_port
+from tests.gateway.raw_http import RawClient
 
 # Every test here runs on both request drivers (ADR 14): inline and on the connection's task.
 GATEWAY_DRIVERS = ("inline", "task")
@@ -432,6 +433,43 @@ async def test_two_authorization_headers_are_refused(
         assert resp.status == 401
         assert resp.headers["WWW-Authenticate"].startswith(INVALID)
     assert up.requests == []
+
+
+async def test_each_request_on_a_connection_is_judged_by_its_own_authorization_field(
+    hub: Issuer, protected: Any
+) -> None:
+    # The connection keeps its last Authorization field's text (one str, its hash kept for the
+    # verified-token cache): a request with another token, none, an empty field, another
+    # scheme or a second field must not be judged by the one before it.
+    gw, up = await protected({"required": False})
+    ann, bob = hub.token(sub="ann"), hub.token(sub="bob")
+
+    def get(*fields: str) -> bytes:
+        lines = "".join(f"{f}\r\n" for f in fields)
+        return f"GET /bus/x HTTP/1.1\r\nHost: bus\r\n{lines}\r\n".encode()
+
+    steps: list[tuple[bytes, int, str | None]] = [
+        (get(f"Authorization: Bearer {ann}"), 200, "ann"),
+        (get(f"Authorization: Bearer {ann}"), 200, "ann"),
+        (get(f"authorization: Bearer {bob}"), 200, "bob"),
+        (get(), 200, None),
+        (get(f"Authorization: Bearer {ann}"), 200, "ann"),
+        (get("Authorization:"), 200, None),
+        (get("Authorization: Basic YTpi"), 200, None),
+        (get(f"Authorization: Bearer {ann}", f"Authorization: Bearer {ann}"), 401, None),
+        (get(f"Authorization: Bearer {bob}"), 200, "bob"),
+        (get(f"AUTHORIZATION: bearer  {bob}"), 200, "bob"),
+        (get("Authorization: Bearer not-a-token"), 401, None),
+        (get(f"Authorization: Bearer {bob}"), 200, "bob"),
+    ]
+    async with await RawClient.open(gw.gateway.port) as client:
+        for data, status, subject in steps:
+            resp = await client.exchange(data)
+            assert resp.status == status, (data, resp.body)
+            if status == 200:
+                seen = json.loads(resp.body)
+                assert identity_headers(seen).get("X-CityPlane-Subject") == subject, data
+    assert len(up.requests) == 10
 
 
 # --- scopes and trust levels ----------------------------------------------------------------

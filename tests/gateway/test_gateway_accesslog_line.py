@@ -8,6 +8,7 @@ import json
 import pytest
 
 from gateway.accesslog import AccessLog, request_line
+from gateway.server import _REQUEST_ID
 
 FIELDS = (
     "ts",
@@ -66,6 +67,15 @@ def test_a_request_line_is_the_compact_json_of_its_fields(values: tuple[object, 
     assert {k: parsed[k] for k in STRINGS} == {
         k: v for k, v in zip(FIELDS, values, strict=True) if k in STRINGS
     }
+
+
+def test_every_request_id_the_gateway_accepts_is_its_own_json_text() -> None:
+    # The line writes the request id between quotes without json's encoder: that holds only
+    # while the request path's pattern admits no character JSON would escape.
+    admitted = [chr(c) for c in range(0x110000) if _REQUEST_ID.fullmatch(chr(c))]
+    assert len(admitted) == 66  # A-Z a-z 0-9 . _ : -
+    assert all(json.dumps(c, ensure_ascii=False) == f'"{c}"' for c in admitted)
+    assert not _REQUEST_ID.fullmatch('a"b') and not _REQUEST_ID.fullmatch("a\\b")
 
 
 def test_timestamps_and_durations_keep_three_decimals() -> None:

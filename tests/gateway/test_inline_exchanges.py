@@ -353,9 +353,9 @@ async def test_auth_unverified_token_is_handed_over_then_cached_token_goes_inlin
         class Counting(TokenVerifier):  # compiled, TokenVerifier is an extension type
             verified: ClassVar[list[str]] = []
 
-            async def verify(self, token: str) -> Any:
+            async def verify(self, token: str, *, key: str | None = None) -> Any:
                 self.verified.append(token)
-                return await super().verify(token)
+                return await super().verify(token, key=key)
 
         monkeypatch.setattr(gateway.jwks, "TokenVerifier", Counting)  # the gateway's import
         gw = await gateway_factory(
