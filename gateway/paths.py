@@ -58,12 +58,18 @@ def remove_dot_segments(path: str) -> str:
 def normalize_path(raw: str) -> str:
     """Normalize the path part of a request-target, or raise a 400 ``Problem``.
 
-    The common case (no '%', no '//', no dot segment) returns the input unchanged after two
-    substring checks; the rest pays for the full treatment.
+    The common case (printable, no '%', no '//', no dot segment) returns the input unchanged
+    after a handful of substring checks; the rest pays for the full treatment.
     """
-    if not raw.startswith("/"):
+    # A slice and ==, not startswith(): a method with an argument parses it the old way.
+    if raw[:1] != "/":
         raise _bad("the request path must start with '/'")
-    if _BAD_CHARS.search(raw):
+    # isprintable() excludes every control character: three substring checks then cover the
+    # rest of _BAD_CHARS, at half a regex search's cost. A path it is unsure of (a control, or
+    # a non-printable character outside ASCII that the regex allows) goes to the regex.
+    if not (
+        raw.isprintable() and " " not in raw and "\\" not in raw and "#" not in raw
+    ) and _BAD_CHARS.search(raw):
         raise _bad("the request path contains a forbidden character")
     if "%" not in raw and "//" not in raw and "/." not in raw:
         return raw

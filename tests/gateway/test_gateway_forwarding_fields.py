@@ -114,3 +114,25 @@ async def test_a_request_with_proxy_fields_is_served_without_them(
     seen = {k.lower() for k in up.requests[-1]["headers"]}
     assert "x-kept" in seen
     assert "proxy" not in seen and "proxy-foo" not in seen
+
+
+def test_each_client_gets_its_own_hop_block_from_the_cache() -> None:
+    def hop_of(peer: str, raw: list[tuple[bytes, bytes]], trusted: bool = False) -> dict[str, str]:
+        out = upstream_headers(
+            raw, peer=peer, peer_trusted=trusted, scheme="https", host="api.city.example"
+        )
+        return {n: v for n, v in out if n.startswith(("X-Forwarded", "Forwarded"))}
+
+    for round_ in range(2):  # more clients than the cache holds, twice
+        for i in range(1100):
+            peer = f"10.{i // 256}.{i % 256}.{round_}"
+            assert hop_of(peer, [])["X-Forwarded-For"] == peer
+    # A trusted proxy's X-Forwarded-Proto and X-Forwarded-Host are kept, so this hop adds
+    # none: the block cached for the same peer without them must not be reused, nor the
+    # other way round.
+    proto, host = (b"X-Forwarded-Proto", b"http"), (b"X-Forwarded-Host", b"h")
+    for _ in range(2):
+        for fields in ([], [proto], [host], [proto, host]):
+            hop = hop_of("192.0.2.1", fields, trusted=True)
+            assert hop["X-Forwarded-Proto"] == ("http" if proto in fields else "https")
+            assert hop["X-Forwarded-Host"] == ("h" if host in fields else "api.city.example")

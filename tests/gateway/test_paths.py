@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from cityplane.problem import Problem
@@ -59,3 +61,20 @@ def test_remove_dot_segments_follows_rfc3986_examples() -> None:
 def test_query_is_kept_byte_for_byte() -> None:
     assert split_target("/bus?x=%2e%2e&y=/../") == ("/bus", "?x=%2e%2e&y=/../")
     assert split_target("/bus") == ("/bus", "")
+
+
+def test_a_path_is_refused_for_exactly_the_characters_of_the_forbidden_set() -> None:
+    # normalize_path decides most paths without the regex (isprintable() and three substring
+    # checks): it must refuse the same characters the regex names, and no others.
+    forbidden = re.compile(r"[\x00-\x20\x7f\\#]")
+    for code in [*range(0x800), 0x2028, 0x3000, 0xFEFF, 0x10FFFF]:
+        char = chr(code)
+        for raw in (f"/a{char}b", f"/{char}", f"/a/{char}{char}"):
+            try:
+                normalize_path(raw)
+                refused = False
+            except Problem as problem:  # '%' and dot segments have refusals of their own
+                refused = "forbidden character" in str(problem.detail)
+            assert refused == bool(forbidden.search(raw)), (hex(code), raw)
+    with pytest.raises(Problem):
+        normalize_path("")
