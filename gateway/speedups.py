@@ -176,6 +176,7 @@ class CompiledTree:
         except ImportError as exc:
             raise BuildError(f"{exc.name} is not installed (pip install '.[speedups]')") from None
         manifest = self.manifest() or {}
+        compiler = compiler_settings()
         classes = self._classes()
         declarations = self.declarations(classes)
         # A module's C reads the struct layout of every extension type it touches, possibly
@@ -186,6 +187,7 @@ class CompiledTree:
             and manifest.get("directives") == DIRECTIVES
             and manifest.get("declarations") == DECLARATIONS
             and manifest.get("interfaces") == interfaces
+            and manifest.get("compiler") == compiler
         )
         todo = self.out_of_date(manifest if same else None)
         if not todo and set(manifest.get("modules") or {}) == set(self.modules):
@@ -195,13 +197,7 @@ class CompiledTree:
             raise BuildError(f"{self.source(missing[0])} does not exist (gateway.speedups.MODULES)")
         hashes = {m: _sha256(self.source(m)) for m in self.modules}
         started = time.monotonic()
-        # Cython's C leaves a few helpers unused; gcc and clang would warn about each. No debug
-        # information unless CITYPLANE_DEBUG_INFO=1 (Python's CFLAGS have -g): 6 MB of modules
-        # instead of 37 MB and a build ~25 % shorter; symbols stay, so profilers (callgrind,
-        # perf) still name the C functions, only without their files and lines.
-        quiet_cc = ["-Wno-unused-function"] if os.name == "posix" else []
-        if os.name == "posix" and os.environ.get(DEBUG_INFO, "") in ("", "0"):
-            quiet_cc.append("-g0")
+        quiet_cc = list(compiler["args"])
         with tempfile.TemporaryDirectory(prefix="cityplane-speedups-") as tmp:
             self._declare(Path(tmp, "pxd"), declarations)
             sources = [
@@ -245,6 +241,7 @@ class CompiledTree:
             "directives": DIRECTIVES,
             "declarations": DECLARATIONS,
             "interfaces": interfaces,
+            "compiler": compiler,
             "modules": hashes,
         }
         partial = self.manifest_path.with_suffix(".tmp")
@@ -345,6 +342,23 @@ class CompiledTree:
         for path in self.root.rglob("*"):
             if path.is_file() and path.suffix in (".so", ".pyd") and path not in keep:
                 path.unlink()
+
+
+def compiler_settings() -> dict[str, Any]:
+    """What the C compiler is told, as the manifest records it: a change rebuilds every module
+    (a build with debug information, another CC or CFLAGS is another binary)."""
+    # Cython's C leaves a few helpers unused; gcc and clang would warn about each. No debug
+    # information unless CITYPLANE_DEBUG_INFO=1 (Python's CFLAGS have -g): 6 MB of modules
+    # instead of 37 MB and a build ~25 % shorter; symbols stay, so profilers (callgrind,
+    # perf) still name the C functions, only without their files and lines.
+    args = ["-Wno-unused-function"] if os.name == "posix" else []
+    if os.name == "posix" and os.environ.get(DEBUG_INFO, "") in ("", "0"):
+        args.append("-g0")
+    return {
+        "args": args,
+        "CC": os.environ.get("CC", ""),
+        "CFLAGS": os.environ.get("CFLAGS", ""),
+    }
 
 
 def interfaces_key(declarations: Mapping[str, str]) -> str:

@@ -29,6 +29,7 @@ from gateway.speedups import (
     BuildError,
     CompiledTree,
     Verdict,
+    compiler_settings,
     interfaces_key,
 )
 
@@ -70,6 +71,7 @@ def _built(base: Path, cython: str = "3.3.1") -> CompiledTree:
         "directives": DIRECTIVES,
         "declarations": DECLARATIONS,
         "interfaces": interfaces_key(tree.declarations()),
+        "compiler": compiler_settings(),
         "modules": hashes,
     }
     tree.manifest_path.write_text(json.dumps(manifest))
@@ -977,3 +979,23 @@ def test_compiled_modules_carry_debug_information_only_when_asked(
     tree = _package(tmp_path, {"pkg.one": "def one():\n    return 1\n"})
     assert " compiled 1 of 1 " in tree.build(jobs=1)
     assert (b".debug_info" in tree.binary("pkg.one").read_bytes()) is has_debug_info
+
+
+@pytest.mark.skipif(not HAS_CYTHON or os.name != "posix", reason="Cython and a POSIX compiler")
+def test_changed_compiler_settings_rebuild_every_module(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The manifest records what the compiler was told: with debug information asked for now,
+    # or other CFLAGS, modules built without them are out of date although no source changed.
+    monkeypatch.delenv(DEBUG_INFO, raising=False)
+    monkeypatch.delenv("CFLAGS", raising=False)
+    tree = _package(tmp_path, {"pkg.one": "def one():\n    return 1\n", "pkg.two": "X = 2\n"})
+    assert " compiled 2 of 2 " in tree.build(jobs=1)
+    assert "up to date" in tree.build(jobs=1)
+    monkeypatch.setenv(DEBUG_INFO, "1")
+    assert " compiled 2 of 2 " in tree.build(jobs=1)
+    assert b".debug_info" in tree.binary("pkg.one").read_bytes()
+    assert "up to date" in tree.build(jobs=1)
+    monkeypatch.setenv("CFLAGS", "-O2")
+    assert " compiled 2 of 2 " in tree.build(jobs=1)
+    assert tree.manifest()["compiler"] == compiler_settings()
