@@ -277,11 +277,6 @@ class IncomingRequest:
         """The request's fields, case-insensitive (`RequestHeaders`)."""
         return RequestHeaders(self.raw_headers)
 
-    def field_values(self, name: str) -> list[str]:
-        """Every value of one field, in order; none: ``[]``. ``headers.getall`` without
-        building the view (a C call from the compiled policies)."""
-        return _values(self.raw_headers, _key(name))
-
     def get(self, name: str, default: str | None = None) -> str | None:
         """One field's first value (for the balancer's hash keys)."""
         return self.headers.get(name, default)
