@@ -32,12 +32,13 @@ typecheck: $(STAMP)
 unit: build
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-# The pure-Python fallback of the compiled modules, judged by the HTTP/1.1 conformance suite and
-# the inline exchanges once more (~35 s).
+# The pure-Python fallback of the compiled modules, judged by the HTTP/1.1 conformance suite, the
+# inline exchanges and the upstream client once more (~60 s).
 unit-pure: $(STAMP)
 	CITYPLANE_NO_EXTENSIONS=1 $(BIN)/python -m pytest -q -p no:cacheprovider \
 	  tests/gateway/test_http_conformance.py tests/gateway/test_inline_exchanges.py \
-	  tests/gateway/test_h1_request_headers.py tests/gateway/test_h1_drain.py
+	  tests/gateway/test_h1_request_headers.py tests/gateway/test_h1_drain.py \
+	  tests/gateway/test_upstream_head.py tests/gateway/test_upstream_client.py
 
 bench: build
 	$(BIN)/python -m bench

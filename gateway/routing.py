@@ -20,6 +20,7 @@ from typing import Any
 from gateway.forwarding import UPSTREAM_RESPONSE_DROP
 from gateway.h1server import encode_fields
 from gateway.policies.base import Policy
+from gateway.upstream.heads import drop_table
 
 
 class CompiledRoute:
@@ -40,6 +41,7 @@ class CompiledRoute:
         "policies",
         "response_block",
         "response_drop",
+        "response_drop_table",
         "response_headers",
         "route_id",
         "service",
@@ -81,6 +83,7 @@ class CompiledRoute:
         self.response_drop: frozenset[bytes] = UPSTREAM_RESPONSE_DROP | {
             n.lower().encode("latin-1") for n in names
         }
+        self.response_drop_table = drop_table(self.response_drop)
 
     def __repr__(self) -> str:
         return (

@@ -20,7 +20,6 @@ from gateway import metrics
 from gateway.connections import GatewayLimits
 from gateway.exchange import Exchange
 from gateway.forwarding import (
-    UPSTREAM_RESPONSE_DROP,
     TrustedProxies,
     client_address,
     forwarded_fields,
@@ -33,6 +32,7 @@ from gateway.tracing import Tracing, continue_trace, random_hex
 from gateway.tunnel import tunnel
 from gateway.upstream.client import UpstreamError
 from gateway.upstream.cluster import Resume
+from gateway.upstream.heads import drop_table, relay_fields
 
 if TYPE_CHECKING:
     from gateway.accesslog import AccessLog
@@ -290,25 +290,27 @@ class RequestPath:
 
     def _response_head(self, flight: Flight, up: UpstreamResponse) -> bytes:
         # The gateway's own fields replace any of the same name from the upstream. The
-        # upstream's fields are relayed as the bytes llhttp accepted (no CR, LF or NUL).
+        # upstream's field lines are relayed as the bytes llhttp accepted (no CR, LF or NUL),
+        # in runs, with those not passed cut out (ADR 21).
         # The request id is ours or passed _REQUEST_ID: no CR, LF or NUL to remove.
         route, ex = flight.route, flight.ex
         assert route is not None
         extra = ex.response_headers
         if extra:  # text fields from a policy (the gateway's own write `response_block`)
-            drop = _response_drop(extra) | route.response_drop
+            table = _response_drop_table(extra, route.response_drop)
             own = route.response_block + encode_fields(extra)
         else:
-            drop, own = route.response_drop, route.response_block
-        # One join of the pieces: no bytes object per field on the way.
-        parts = [
-            piece
-            for n, v in up.raw_headers
-            if n.lower() not in drop
-            for piece in (n, b": ", v, b"\r\n")
-        ]
-        parts += (b"X-Request-Id: ", ex.request_id.encode(), b"\r\n", own, ex.response_block)
-        return b"".join(parts)
+            table, own = route.response_drop_table, route.response_block
+        return b"".join(
+            (
+                relay_fields(up.fields, table),
+                b"X-Request-Id: ",
+                ex.request_id.encode(),
+                b"\r\n",
+                own,
+                ex.response_block,
+            )
+        )
 
     # -- the task's driver ------------------------------------------------------------------------
 
@@ -682,19 +684,23 @@ class RequestPath:
         conn.request_done(request)
 
 
-_DROPS: dict[tuple[str, ...], frozenset[bytes]] = {}
+_DROPS: dict[tuple[frozenset[bytes], tuple[str, ...]], tuple[tuple[bytes, ...], ...]] = {}
 
 
-def _response_drop(own: list[tuple[str, str]]) -> frozenset[bytes]:
-    """The upstream response fields not relayed when a policy writes the text fields ``own``:
-    a route's requests add the same few names, so the set is built once per set of names."""
+def _response_drop_table(
+    own: list[tuple[str, str]], route_drop: frozenset[bytes]
+) -> tuple[tuple[bytes, ...], ...]:
+    """The upstream response fields not relayed (`drop_table`) when a policy writes the text
+    fields ``own`` on a route that drops ``route_drop``: a route's requests add the same few
+    names, so the table is built once per route and set of names."""
     names = tuple([n for n, _ in own])
-    drop = _DROPS.get(names)
-    if drop is None:
-        drop = UPSTREAM_RESPONSE_DROP | {n.lower().encode("latin-1") for n in names}
+    key = (route_drop, names)
+    table = _DROPS.get(key)
+    if table is None:
+        table = drop_table(route_drop | {n.lower().encode("latin-1") for n in names})
         if len(_DROPS) < 1024:  # names come from config and policies, but stay bounded
-            _DROPS[names] = drop
-    return drop
+            _DROPS[key] = table
+    return table
 
 
 def _body_timeout(timeout: float) -> Problem:

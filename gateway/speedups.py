@@ -40,6 +40,7 @@ MODULES = (
     "gateway.metrics",
     "gateway.accesslog",
     "gateway.upstream.http1",
+    "gateway.upstream.heads",
     "gateway.upstream.client",
     "gateway.upstream.cluster",
     "gateway.upstream.balancer",
@@ -65,7 +66,7 @@ DIRECTIVES: dict[str, Any] = {
     "nonecheck": True,
 }
 # Version of what `cdef_declarations` and `typed_source` write: a change rebuilds every module.
-DECLARATIONS = 7
+DECLARATIONS = 8
 SUFFIX = importlib.machinery.EXTENSION_SUFFIXES[0]  # this interpreter's ABI
 TAG = SUFFIX.split(".")[1]  # ".cpython-311-x86_64-linux-gnu.so" -> "cpython-311-x86_64-linux-gnu"
 DISABLE = "CITYPLANE_NO_EXTENSIONS"
@@ -511,11 +512,28 @@ def cdef_declarations(
             if alias.name in exported and alias.asname is None and bound[alias.name] == 1:
                 function_cimports.append((statement.module, alias.name, alias.name))
     functions_here = _cpdef_functions(tree, local | set(imported))
+    typed = c_types(tree)
     for name, params in functions_here:
         for param in params:
             kind = param.split(" ")[0] if " " in param else None
             if kind in imported:
                 cimports.add(imported[kind])
+        declared = typed.get(name)
+        if declared:  # ADR 22: C types for parameters in the signature, for locals in a decorator
+            bare = [p.split(" ")[-1].removesuffix("=*") for p in params]
+            params = [
+                f"{C_TYPE_SPELLINGS[declared[b]][0]} {b}{'=*' if p.endswith('=*') else ''}"
+                if b in declared
+                else p
+                for p, b in zip(params, bare, strict=True)
+            ]
+            local_types = [
+                f"{n}={C_TYPE_SPELLINGS[t][1]}"
+                for n, t in sorted(declared.items())
+                if n not in bare
+            ]
+            if local_types:
+                out.append(f"@cython.locals({', '.join(local_types)})")
         out.append(f"cpdef {name}({', '.join(params)})")
     if functions_here:
         out.append("")
@@ -525,6 +543,8 @@ def cdef_declarations(
         f"from {m} cimport {c}" if c == alias else f"from {m} cimport {c} as {alias}"
         for m, c, alias in sorted(cimports | set(function_cimports))
     ]
+    if any(line.startswith("@cython.") for line in out):
+        head.insert(0, "cimport cython")
     head += [f"cdef class {name}" for name in forward]
     return "\n".join([*head, *([""] if head else []), *out])
 
@@ -550,14 +570,20 @@ def typed_source(
         return source  # Cython reports it, with its file and line
     known = {node.name for node, _base, _slots in _eligible(tree)}
     known |= set(_imported_classes(tree, module, others or {}))
+    typed = c_types(tree)
+    cpdef = {name for name, _params in _cpdef_functions(tree)}
     spans: list[ast.expr] = []
+    blanks: list[ast.arg] = []  # ": annotation" of a parameter the .pxd gives a C type
     seen: set[int] = set()
     for node in ast.walk(tree):
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
         a = node.args
+        c_params = typed.get(node.name, {}) if node in tree.body and node.name in cpdef else {}
         for arg in (*a.posonlyargs, *a.args, *a.kwonlyargs):
-            if arg.annotation is not None and _class_name(arg.annotation) not in known:
+            if arg.annotation is not None and arg.arg in c_params:
+                blanks.append(arg)
+            elif arg.annotation is not None and _class_name(arg.annotation) not in known:
                 spans.append(arg.annotation)
         for star in (a.vararg, a.kwarg):  # the annotation is the elements' type
             if star is not None and star.annotation is not None:
@@ -580,14 +606,25 @@ def typed_source(
     for lo, hi in _keyword_markers(tree, raw):
         raw = raw[:lo] + b" " * (hi - lo) + raw[hi:]
     lines = raw.splitlines(keepends=True)
-    for ann in sorted(spans, key=lambda n: (n.lineno, n.col_offset), reverse=True):
+    edits: list[tuple[int, int, int, int, bytes | None]] = []  # None: "object"
+    for ann in spans:
         assert ann.end_lineno is not None and ann.end_col_offset is not None
-        first, last = ann.lineno - 1, ann.end_lineno - 1
-        # ast's columns count UTF-8 bytes; a multi-line annotation leaves continuation lines.
-        joined = b"object" + b" \\\n" * (last - first)
-        lines[first : last + 1] = [
-            lines[first][: ann.col_offset] + joined + lines[last][ann.end_col_offset :]
-        ]
+        edits.append((ann.lineno, ann.col_offset, ann.end_lineno, ann.end_col_offset, None))
+    for arg in blanks:
+        note = arg.annotation
+        assert note is not None and note.end_lineno is not None and note.end_col_offset is not None
+        if note.end_lineno != arg.lineno:
+            raise ValueError(f"line {arg.lineno}: a C-typed parameter's annotation on one line")
+        start = arg.col_offset + len(arg.arg.encode("utf-8"))
+        edits.append((arg.lineno, start, arg.lineno, note.end_col_offset, b""))
+    for lineno, col, end_lineno, end_col, text in sorted(edits, reverse=True):
+        first, last = lineno - 1, end_lineno - 1
+        if text is None:
+            # ast's columns count UTF-8 bytes; a multi-line annotation leaves continuation lines.
+            replacement = b"object" + b" \\\n" * (last - first)
+        else:  # blanked: the columns after it stay where they were
+            replacement = b" " * (end_col - col)
+        lines[first : last + 1] = [lines[first][:col] + replacement + lines[last][end_col:]]
     return b"".join(lines).decode("utf-8")
 
 
@@ -627,6 +664,46 @@ _C_WORDS = frozenset(
         "NULL",
     ]
 )
+
+# What a module's ``C_TYPES`` may give a parameter or local of a function (ADR 22): the C type
+# as a .pxd signature spells it, and as ``@cython.locals`` does.
+C_TYPE_SPELLINGS = {
+    "Py_ssize_t": ("Py_ssize_t", "Py_ssize_t"),
+    "bint": ("bint", "cython.bint"),
+    "uchar": ("unsigned char", "cython.uchar"),
+    "bytes": ("bytes", "bytes"),
+    "tuple": ("tuple", "tuple"),
+}
+
+
+def c_types(tree: ast.Module) -> dict[str, dict[str, str]]:
+    """A module's ``C_TYPES``: function name -> {parameter or local: C type}, read from the
+    literal the module assigns at its top level (ADR 22). The sources run without them; the
+    compiled form declares them, so that ``data[i]`` on a ``bytes`` with a ``Py_ssize_t``
+    index is a C read of one byte instead of a Python int. Anything but a literal of names
+    in `C_TYPE_SPELLINGS` is an error: the build stops rather than compile other types."""
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        if not (isinstance(target, ast.Name) and target.id == "C_TYPES"):
+            continue
+        value = getattr(node, "value", None)
+        try:
+            found = ast.literal_eval(value) if value is not None else None
+        except ValueError:
+            found = None
+        if not isinstance(found, dict) or not all(
+            isinstance(f, str)
+            and isinstance(names, dict)
+            and all(isinstance(n, str) and t in C_TYPE_SPELLINGS for n, t in names.items())
+            for f, names in found.items()
+        ):
+            raise ValueError(
+                f"line {node.lineno}: C_TYPES must be a literal dict of function name to"
+                f" {{name: one of {', '.join(C_TYPE_SPELLINGS)}}}"
+            )
+        return found
+    return {}
+
 
 _NOT_IN_CPDEF = (
     ast.Yield,

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Set
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Protocol, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from gateway.outbox import Outbox, outbox
+from gateway.upstream.heads import CONNECTION_CLOSE, CONNECTION_KEEP_ALIVE, scan_response_head
 
 __all__ = [
     "Http1Connection",
@@ -43,7 +44,6 @@ _BODY = 2  # response head complete, body still arriving
 _DONE = 3  # response complete, waiting for release()
 
 _V11 = b"HTTP/1.1 "
-_KEEP_ALIVE = b"keep-alive,"  # the Connection options as on_header collects them
 # The usual reason phrases as text: a bytes decode() is ~630 instructions compiled.
 _REASONS = {phrase.encode(): phrase for phrase in ("OK", "Created", "No Content", "Not Found")}
 _CRLF2 = b"\r\n\r\n"
@@ -81,9 +81,6 @@ class ConnectionOwner(Protocol):
     def _idle_connection_lost(self, conn: Http1Connection) -> None: ...
 
 
-_NO_OPTIONS: frozenset[bytes] = frozenset()
-
-
 class UpstreamResponse:
     """A response head plus a handle on its body. Call :meth:`release` in ``finally``."""
 
@@ -91,8 +88,8 @@ class UpstreamResponse:
         "_conn",
         "chunked",
         "content_length",
+        "fields",
         "keep_alive",
-        "raw_headers",
         "reason",
         "status",
     )
@@ -101,7 +98,7 @@ class UpstreamResponse:
         self,
         status: int,
         reason: str,
-        raw_headers: list[tuple[bytes, bytes]],
+        fields: bytes,
         content_length: int | None,
         chunked: bool,
         keep_alive: bool,
@@ -109,8 +106,10 @@ class UpstreamResponse:
     ) -> None:
         self.status = status
         self.reason = reason
-        # As received (llhttp checked them), hop-by-hop fields included: the caller filters.
-        self.raw_headers = raw_headers
+        # The header section as received (llhttp checked it), hop-by-hop fields included: the
+        # CRLF that ended the status line, then each field line with its CRLF. The proxy relays
+        # it with the lines it does not pass cut out (gateway.forwarding.field_cutter).
+        self.fields = fields
         # The Content-Length field's value; HEAD, 204 and 304 responses have no body regardless.
         self.content_length = content_length
         self.chunked = chunked
@@ -121,8 +120,18 @@ class UpstreamResponse:
         return f"<UpstreamResponse {self.status} {self.reason!r}>"
 
     @property
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """The fields as (name, value) pairs, as llhttp reports them: the value without the
+        whitespace before it (the whitespace after it is kept)."""
+        return [
+            (name, value.lstrip(b" \t"))
+            for name, _, value in (line.partition(b":") for line in self.fields.split(b"\r\n"))
+            if name
+        ]
+
+    @property
     def headers(self) -> list[tuple[str, str]]:
-        """The fields as text (latin-1, byte for byte); the proxy itself uses ``raw_headers``."""
+        """The fields as text (latin-1, byte for byte); the proxy itself relays ``fields``."""
         return [(n.decode("latin-1"), v.decode("latin-1")) for n, v in self.raw_headers]
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
@@ -171,6 +180,10 @@ class UpstreamResponse:
             conn._release()
 
 
+def _reason_text(reason: bytes) -> str:
+    return _REASONS[reason] if reason in _REASONS else reason.decode("latin-1")
+
+
 def _wake(waiter: asyncio.Future[None] | None) -> None:
     """Resolve a waiter if there is one (the task driver's; inline exchanges have none)."""
     if waiter is not None and not waiter.done():
@@ -189,18 +202,16 @@ class Http1Connection:
         "_body_waiter",
         "_buffered",
         "_cancel_pending",
-        "_chunked",
         "_chunks",
-        "_conn_tokens",
-        "_content_length",
         "_crlf_tail",
         "_deadline",
         "_drain_waiter",
         "_exc",
-        "_field_bytes",
         "_head_bytes",
+        "_head_data",
+        "_head_from",
+        "_head_more",
         "_head_waiter",
-        "_headers",
         "_held",
         "_is_head",
         "_loop",
@@ -211,7 +222,6 @@ class Http1Connection:
         "_parser",
         "_phase",
         "_read_paused",
-        "_reason",
         "_request_sent",
         "_response",
         "_response_started",
@@ -267,7 +277,11 @@ class Http1Connection:
         self._is_head = False
         self._crlf_tail = b""
         self._head_bytes = 0  # bytes received while the head is incomplete
-        self._field_bytes = 0  # size of the header fields received (1xx included)
+        # Those bytes themselves (the first chunk, then any others), and where the status line
+        # of the head being read starts in them (after any 1xx interim heads).
+        self._head_data = b""
+        self._head_more: list[bytes] | None = None
+        self._head_from = 0
         self._until_eof = False
         self._v11 = False  # the response's first bytes were "HTTP/1.1 " (see data_received)
         self._reusable = True
@@ -276,11 +290,6 @@ class Http1Connection:
         self._write_failed = False
         self._writing = False
         self._body_started = False
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._reason = b""
-        self._content_length: int | None = None
-        self._chunked = False
-        self._conn_tokens = b""
         # Pool bookkeeping (read and written by HostPool).
         self.idle_since = 0.0
         self.in_pool = False
@@ -349,6 +358,11 @@ class Http1Connection:
             # known without get_http_version(), which formats a str (~2,300 instructions).
             self._v11 = data[:9] == _V11  # not startswith(): its arguments cost ~600 to parse
         if phase == _AWAIT_HEAD:
+            # Kept until the head is complete: on_headers_complete reads the fields from them.
+            if self._head_bytes:
+                self._keep_head_part(data)
+            else:
+                self._head_data = data
             self._head_bytes += len(data)
             if self._is_head:
                 self._feed_head_only(data)
@@ -363,63 +377,49 @@ class Http1Connection:
 
     # -- httptools callbacks ------------------------------------------------------------------
 
+    # No on_status and no on_header: without them httptools installs no per-field callbacks
+    # (~1,000 instructions per field line before any code of ours ran), and llhttp still checks
+    # every line. The status line's reason and the fields are read from the bytes llhttp
+    # accepted, in on_headers_complete (ADR 21).
+
     def on_message_begin(self) -> None:
         if self._phase != _AWAIT_HEAD:
             # A second message after a complete response: abort parsing (see _parse_error).
             raise UpstreamProtocolError("unsolicited response", request_sent=True)
-        self._headers = []
-        self._reason = b""
-        self._content_length = None
-        self._chunked = False
-        self._conn_tokens = b""
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-        n = len(name)
-        self._field_bytes += n + len(value)
-        # The usual spelling first: a bytes lower() is a call by name compiled.
-        if n == 14 and (name == b"Content-Length" or name.lower() == b"content-length"):
-            self._content_length = int(value)  # llhttp has checked the digits and duplicates
-        elif n == 17 and (name == b"Transfer-Encoding" or name.lower() == b"transfer-encoding"):
-            # RFC 9112 §6.3 item 4: chunked framing only if chunked is the final coding.
-            self._chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-        elif n == 10 and (name == b"Connection" or name.lower() == b"connection"):
-            # An upstream's usual value without lower() and a concatenation (~600 instructions).
-            self._conn_tokens += _KEEP_ALIVE if value == b"keep-alive" else value.lower() + b","
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
+        more = self._head_more
+        head = self._head_data if more is None else b"".join([self._head_data, *more])
+        begin = self._head_from
+        line_end, end, length, chunked, options = scan_response_head(head, begin)
         if status < 200:
             self._v11 = False  # the final response's status line is another one: ask llhttp
             if status == 101:
                 raise UpstreamProtocolError("unexpected 101 Switching Protocols", request_sent=True)
+            self._head_from = end + 2
             return  # interim response (100 Continue, 103 Early Hints): skipped
-        if self._field_bytes > MAX_RESPONSE_HEAD:
+        if end + 2 > MAX_RESPONSE_HEAD:
             raise UpstreamProtocolError(
                 f"response head larger than {MAX_RESPONSE_HEAD} bytes", request_sent=True
             )
-        tokens = self._conn_tokens
-        reason = self._reason
-        version = "1.1" if self._v11 else parser.get_http_version()
-        # The Connection options as a set only when one of them can matter: in HTTP/1.1, an
-        # upstream's usual "keep-alive" holds no "close" (a substring test, no split).
-        # find(), not `in`: Python 3.11's bytes `in` first tries its operand as an integer, and
-        # the TypeError it raises and clears makes one test ~2,000 instructions (docs/perf.md).
-        if tokens and (version != "1.1" or (tokens != _KEEP_ALIVE and tokens.find(b"close") >= 0)):
-            options: Set[bytes] = {t.strip() for t in tokens.split(b",")}
-        else:
-            options = _NO_OPTIONS
+        self._head_data = b""  # not kept while the body is read
+        self._head_more = None
+        # "HTTP/d.d ddd" then SP and the reason, or nothing: llhttp takes exactly that shape.
+        reason = head[begin + 13 : line_end]
+        fields = head[line_end:end]
+        content_length = length if length >= 0 else None
         # RFC 9112 §9.3: HTTP/1.1 persists unless "close"; HTTP/1.0 only with "keep-alive".
-        if version == "1.1":
-            keep_alive = b"close" not in options
+        if self._v11 or parser.get_http_version() == "1.1":
+            keep_alive = not options & CONNECTION_CLOSE
         else:
-            keep_alive = version == "1.0" and b"keep-alive" in options and b"close" not in options
+            keep_alive = (
+                parser.get_http_version() == "1.0"
+                and options == CONNECTION_KEEP_ALIVE  # keep-alive without close
+            )
         no_body = self._is_head or status == 204 or status == 304
-        if not no_body and not self._chunked and self._content_length is None:
+        if not no_body and not chunked and content_length is None:
             self._until_eof = True  # RFC 9112 §6.3 item 8: read until the connection closes
             keep_alive = False
         if not keep_alive:
@@ -432,10 +432,10 @@ class Http1Connection:
             _wake(self._drain_waiter)
         self._response = UpstreamResponse(
             status,
-            _REASONS[reason] if reason in _REASONS else reason.decode("latin-1"),
-            self._headers,
-            self._content_length,
-            self._chunked,
+            "OK" if reason == b"OK" else _reason_text(reason),
+            fields,
+            content_length,
+            chunked,
             keep_alive,
             self,
         )
@@ -508,6 +508,14 @@ class Http1Connection:
             return
         self._crlf_tail = (tail + data)[-3:]
         self._check_head_size()
+
+    def _keep_head_part(self, data: bytes) -> None:
+        """A head in more than one read (rare): its parts are joined once it is complete."""
+        more = self._head_more
+        if more is None:
+            self._head_more = [data]
+        else:
+            more.append(data)
 
     def _check_head_size(self) -> None:
         if self._head_bytes > MAX_RESPONSE_HEAD:
@@ -869,7 +877,9 @@ class Http1Connection:
         self._cancel_pending = False
         self._upload = None
         self._head_bytes = 0
-        self._field_bytes = 0
+        self._head_data = b""
+        self._head_more = None
+        self._head_from = 0
         self._crlf_tail = b""
 
     def _stop_upload(self) -> None:

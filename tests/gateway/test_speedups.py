@@ -999,3 +999,78 @@ def test_changed_compiler_settings_rebuild_every_module(
     monkeypatch.setenv("CFLAGS", "-O2")
     assert " compiled 2 of 2 " in tree.build(jobs=1)
     assert tree.manifest()["compiler"] == compiler_settings()
+
+
+C_TYPED = """\
+C_TYPES = {
+    "count": {"data": "bytes", "start": "Py_ssize_t", "i": "Py_ssize_t", "c": "uchar",
+              "seen": "bint"}
+}
+
+
+def count(data: bytes, start: int, byte: int) -> int:
+    i = start
+    seen = False
+    n = 0
+    while i < len(data):
+        c = data[i]
+        if c == byte:
+            n += 1
+            seen = True
+        i += 1
+    return n if seen else -1
+"""
+
+
+def test_c_types_declare_parameters_in_the_signature_and_locals_in_a_decorator() -> None:
+    from gateway.speedups import cdef_declarations
+
+    assert cdef_declarations(C_TYPED) == (
+        "cimport cython\n"
+        "\n"
+        "@cython.locals(c=cython.uchar, i=Py_ssize_t, seen=cython.bint)\n"
+        "cpdef count(bytes data, Py_ssize_t start, byte)\n"
+    )
+
+
+def test_the_typed_source_blanks_the_annotations_of_c_typed_parameters() -> None:
+    from gateway.speedups import typed_source
+
+    line = typed_source(C_TYPED).splitlines()[6]
+    # Columns stay where they were: ": bytes" and ": int" become spaces.
+    assert line == "def count(data       , start     , byte: object) -> object:"
+
+
+@pytest.mark.parametrize(
+    "declaration",
+    [
+        'C_TYPES = {"count": {"i": "long"}}',  # not a type C_TYPES may give
+        'C_TYPES = {"count": {"i": SIZE}}',  # not a literal
+        'C_TYPES = {"count": ["i"]}',
+    ],
+)
+def test_c_types_other_than_the_known_literal_stop_the_build(declaration: str) -> None:
+    from gateway.speedups import cdef_declarations
+
+    with pytest.raises(ValueError, match="C_TYPES must be a literal dict"):
+        cdef_declarations(declaration + "\n\n\ndef count(i):\n    return i\n")
+
+
+@pytest.mark.skipif(not HAS_CYTHON, reason="Cython is not installed")
+def test_a_compiled_function_runs_on_its_c_types(tmp_path: Path) -> None:
+    program = (
+        "import pkg.scan as m\n"
+        "print(m.count(b'abcab', 0, 97), m.count(b'abcab', 1, 97), m.count(b'xyz', 0, 97))\n"
+        "for bad in (('abc', 0, 97), (b'abc', '0', 97), (bytearray(b'abc'), 0, 97)):\n"
+        "    try:\n"
+        "        m.count(*bad)\n"
+        "    except TypeError:\n"
+        "        print('TypeError')\n"
+    )
+    # The sources take a str and a bytearray; the compiled form's C types refuse them.
+    assert _run_compiled(tmp_path, {"pkg.scan": C_TYPED}, program) == [
+        "2 1 -1",
+        "TypeError",
+        "TypeError",
+        "TypeError",
+    ]
