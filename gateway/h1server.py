@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import httptools
 
 from cityplane.problem import PROBLEM_CONTENT_TYPE, Problem
+from gateway.ascii import COMPILED, name_is
 from gateway.outbox import Outbox, outbox
 
 if TYPE_CHECKING:
@@ -62,33 +63,37 @@ _WATCHED = {
     b"traceparent": _TRACEPARENT,
     b"x-forwarded-for": _XFF,
 }
-# Their lengths: most other fields (Accept-Encoding, User-Agent, Cookie, ...)
-# are passed over without lower-casing them.
-_WATCHED_SIZES = frozenset(len(name) for name in _WATCHED)
-# The same with the usual spellings (Host, Content-Length, X-Request-Id, ...), found without
-# lower-casing: a bytes lower() is a call by name compiled (~350 instructions per field).
-_WATCHED_AS_SENT = {**_WATCHED, **{name.title(): kind for name, kind in _WATCHED.items()}}
-# Common fields as browsers and HTTP libraries spell them whose lengths are among the watched
-# ones: passed over without lower() and a second lookup (~500 instructions each).
-_PASSED = -1
-_WATCHED_AS_SENT.update(
-    dict.fromkeys(
-        (
-            b"Accept-Encoding",
-            b"Accept-Language",
-            b"Content-Type",
-            b"Sec-Fetch-Mode",
-            b"Sec-Fetch-Site",
-            b"Sec-Fetch-Dest",
-            b"Sec-Fetch-User",
-            b"Accept-Charset",
-            b"Cache-Control",
-            b"If-None-Match",
-            b"Last-Modified",
-        ),
-        _PASSED,
-    )
-)
+_OTHER = -1  # any other field
+
+
+# The C types of the compiled form (gateway/speedups.py declares them in the module's .pxd).
+C_TYPES = {"_field_kind": {"name": "bytes", "size": "Py_ssize_t"}}
+
+
+def _field_kind(name: bytes) -> int:
+    """Which of the fields in `_WATCHED` ``name`` is, in any case, else `_OTHER`: their
+    lengths differ, so one comparison in C decides (ADR 22). Compiled only: the sources look
+    the lower-cased name up in `_WATCHED` (a loop over bytes in Python costs more)."""
+    size = len(name)
+    if size == 4:
+        return 0 if name_is(name, 0, b"host") else -1
+    if size == 13:
+        return 8 if name_is(name, 0, b"authorization") else -1
+    if size == 14:
+        return 1 if name_is(name, 0, b"content-length") else -1
+    if size == 17:
+        return 2 if name_is(name, 0, b"transfer-encoding") else -1
+    if size == 6:
+        return 3 if name_is(name, 0, b"expect") else -1
+    if size == 7:
+        return 4 if name_is(name, 0, b"upgrade") else -1
+    if size == 12:
+        return 5 if name_is(name, 0, b"x-request-id") else -1
+    if size == 11:
+        return 6 if name_is(name, 0, b"traceparent") else -1
+    if size == 15:
+        return 7 if name_is(name, 0, b"x-forwarded-for") else -1
+    return -1
 
 
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
@@ -585,17 +590,9 @@ class ClientConnection:
         if self._head_size > MAX_HEAD:
             raise _HeadRefused(Problem(431, "headers-too-large", "the request head is too large"))
         headers.append((name, value))
-        if len(name) not in _WATCHED_SIZES:
+        kind = _field_kind(name) if COMPILED else _WATCHED.get(name.lower(), _OTHER)
+        if kind == _OTHER:
             return
-        if name in _WATCHED_AS_SENT:  # `in` and [] are C calls compiled; .get() a call by name
-            kind = _WATCHED_AS_SENT[name]
-            if kind == _PASSED:
-                return
-        else:
-            key = name.lower()
-            if key not in _WATCHED:
-                return
-            kind = _WATCHED[key]
         if kind == _AUTHZ:
             req.authorizations += 1
             # A client sends its token again and again on a connection: one str for them all

@@ -41,6 +41,7 @@ MODULES = (
     "gateway.accesslog",
     "gateway.upstream.http1",
     "gateway.upstream.heads",
+    "gateway.ascii",
     "gateway.upstream.client",
     "gateway.upstream.cluster",
     "gateway.upstream.balancer",

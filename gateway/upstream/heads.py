@@ -20,7 +20,7 @@ a Python loop over bytes would cost several times the callbacks it replaces.
 
 from __future__ import annotations
 
-from types import FunctionType
+from gateway.ascii import COMPILED, name_is
 
 __all__ = [
     "CONNECTION_CLOSE",
@@ -57,13 +57,6 @@ C_TYPES = {
         "run": "Py_ssize_t",
         "k": "Py_ssize_t",
         "dropped": "bint",
-    },
-    "_name_is": {
-        "data": "bytes",
-        "start": "Py_ssize_t",
-        "lower": "bytes",
-        "j": "Py_ssize_t",
-        "c": "uchar",
     },
     "_content_length": {
         "head": "bytes",
@@ -106,10 +99,6 @@ def drop_table(names: frozenset[bytes] | set[bytes]) -> tuple[tuple[bytes, ...],
     for name in sorted(names):
         slots[min(len(name), _TABLE_SLOTS - 1)].append(name.lower())
     return tuple(tuple(slot) for slot in slots)
-
-
-# Compiled, a module's functions are Cython's own function type, not Python's.
-COMPILED = not isinstance(drop_table, FunctionType)
 
 
 def scan_response_head(head: bytes, begin: int) -> tuple[int, int, int, bool, int]:
@@ -161,13 +150,13 @@ def _scan_by_bytes(head: bytes, begin: int) -> tuple[int, int, int, bool, int]:
         stop = i
         i += 2
         size = colon - start
-        if size == 14 and _name_is(head, start, b"content-length"):
+        if size == 14 and name_is(head, start, b"content-length"):
             length = _content_length(head, value, stop)
-        elif size == 17 and _name_is(head, start, b"transfer-encoding"):
+        elif size == 17 and name_is(head, start, b"transfer-encoding"):
             # RFC 9112 §6.3 item 4: chunked framing only if chunked is the final coding (of
             # the last Transfer-Encoding field, as llhttp reads it).
             chunked = _ends_in_chunked(head, value, stop)
-        elif size == 10 and _name_is(head, start, b"connection"):
+        elif size == 10 and name_is(head, start, b"connection"):
             options |= _connection_options(head, value, stop)
     return line_end, i, length, chunked, options
 
@@ -186,7 +175,7 @@ def _relay_by_bytes(fields: bytes, table: tuple[tuple[bytes, ...], ...]) -> byte
         dropped = False
         for k in range(len(names)):
             name = names[k]
-            if len(name) == size and _name_is(fields, start, name):
+            if len(name) == size and name_is(fields, start, name):
                 dropped = True
                 break
         while fields[i] != 13:
@@ -203,18 +192,6 @@ def _relay_by_bytes(fields: bytes, table: tuple[tuple[bytes, ...], ...]) -> byte
     if run >= 0:
         out.append(fields[run:n])
     return b"".join(out)
-
-
-def _name_is(data: bytes, start: int, lower: bytes) -> bool:
-    """``data`` holds ``lower`` at ``start``, in any ASCII case (the caller checked that the
-    name has as many bytes)."""
-    for j in range(len(lower)):
-        c = data[start + j]
-        if 65 <= c <= 90:
-            c += 32
-        if c != lower[j]:
-            return False
-    return True
 
 
 def _content_length(head: bytes, value: int, stop: int) -> int:
@@ -235,7 +212,7 @@ def _ends_in_chunked(head: bytes, value: int, stop: int) -> bool:
     i = stop
     while i > value and (head[i - 1] == 32 or head[i - 1] == 9):
         i -= 1
-    if i - 7 < value or not _name_is(head, i - 7, b"chunked"):
+    if i - 7 < value or not name_is(head, i - 7, b"chunked"):
         return False
     i -= 7  # the coding is "chunked" if what comes before it is a list separator or nothing
     while i > value and (head[i - 1] == 32 or head[i - 1] == 9):
@@ -255,9 +232,9 @@ def _connection_options(head: bytes, value: int, stop: int) -> int:
             start += 1
         while end > start and (head[end - 1] == 32 or head[end - 1] == 9):
             end -= 1
-        if end - start == 5 and _name_is(head, start, b"close"):
+        if end - start == 5 and name_is(head, start, b"close"):
             found |= CONNECTION_CLOSE
-        elif end - start == 10 and _name_is(head, start, b"keep-alive"):
+        elif end - start == 10 and name_is(head, start, b"keep-alive"):
             found |= CONNECTION_KEEP_ALIVE
         i += 1
     return found
