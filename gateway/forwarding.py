@@ -11,6 +11,8 @@ import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 
+from gateway.ascii import COMPILED, name_is
+
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -123,11 +125,14 @@ def forwarded_fields(
     prior_fwd: list[str] = []
     has_proto = has_host = False
     kinds = _RAW_NAMES
+    table = _NAME_TABLE
     # `out` holds each kept field as four pieces (name, ": ", value, CRLF), joined once at the
     # end: three concatenations per field were ~1,000 instructions.
     for raw_name, raw_value in raw_headers:
-        # `in` and [] are C calls compiled; .get() a call by name.
-        known = kinds[raw_name] if raw_name in kinds else _classify(raw_name)
+        if COMPILED:  # by length and one comparison in C (ADR 22): no hash of a new name
+            known = _known_name(raw_name, table)
+        else:  # `in` and [] are C calls compiled; .get() a call by name
+            known = kinds[raw_name] if raw_name in kinds else _classify(raw_name)
         lname, kind = known
         if kind == _FORWARD:
             out += (raw_name, b": ", raw_value, b"\r\n")
@@ -247,10 +252,60 @@ def _classify(raw_name: bytes) -> tuple[bytes, int]:
     return known
 
 
+# The names `_classify` knows by heart, as `_known_name` reads them: slots by length (the last
+# one for longer names), each a tuple of (lower-case name, kind) entries.
+_NAME_SLOTS = 64
+_FORWARD_ENTRY = (b"", _FORWARD)  # the lower-case name is only read for hop and forwarding kinds
+_DROP_ENTRY = (b"", _DROP)
+
+
+def _name_table() -> tuple[tuple[tuple[bytes, int], ...], ...]:
+    slots: list[list[tuple[bytes, int]]] = [[] for _ in range(_NAME_SLOTS)]
+    for name in sorted(HOP_BY_HOP | FORWARDING | GATEWAY_SET | {"proxy"}):
+        raw = name.encode("latin-1")
+        slots[min(len(raw), _NAME_SLOTS - 1)].append(_classify(raw))
+    return tuple(tuple(slot) for slot in slots)
+
+
+# The C types of the compiled form (gateway/speedups.py declares them in the module's .pxd).
+C_TYPES = {
+    "_known_name": {
+        "name": "bytes",
+        "table": "tuple",
+        "entries": "tuple",
+        "entry": "tuple",
+        "lname": "bytes",
+        "size": "Py_ssize_t",
+        "k": "Py_ssize_t",
+    }
+}
+
+
+def _known_name(name: bytes, table: tuple[tuple[tuple[bytes, int], ...], ...]) -> tuple[bytes, int]:
+    """`_classify` without a decode, a lower() or a cache: the name is compared, in any ASCII
+    case, with the few known names of its length (``table``, `_name_table`), then with the
+    prefixes of the names a client may not send. Compiled only (the sources use the cache)."""
+    size = len(name)
+    entries = table[size if size < 64 else 63]  # _NAME_SLOTS as a literal: a C comparison
+    for k in range(len(entries)):
+        entry = entries[k]
+        lname = entry[0]
+        if len(lname) == size and name_is(name, 0, lname):
+            return entry
+    if size >= 12 and name_is(name, 0, b"x-cityplane-"):  # IDENTITY_PREFIX
+        return _DROP_ENTRY
+    if size >= 6 and name_is(name, 0, b"proxy-"):
+        return _DROP_ENTRY
+    return _FORWARD_ENTRY
+
+
 def _proxy_named(lname: str) -> bool:
     # "Proxy" (httpoxy: CGI turns it into HTTP_PROXY) and the Proxy-* family address this hop,
     # never the upstream; the upstream pool refuses to send them (gateway/upstream/client.py).
     return lname == "proxy" or lname.startswith("proxy-")
+
+
+_NAME_TABLE = _name_table()
 
 
 @functools.lru_cache(maxsize=1024)

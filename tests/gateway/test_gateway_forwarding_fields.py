@@ -136,3 +136,29 @@ def test_each_client_gets_its_own_hop_block_from_the_cache() -> None:
             hop = hop_of("192.0.2.1", fields, trusted=True)
             assert hop["X-Forwarded-Proto"] == ("http" if proto in fields else "https")
             assert hop["X-Forwarded-Host"] == ("h" if host in fields else "api.city.example")
+
+
+def test_the_compiled_name_check_classifies_every_name_as_the_cache_does() -> None:
+    """Compiled, `forwarded_fields` classifies a client's field name with `_known_name` (by
+    length and a comparison in any ASCII case); the sources decode, lower-case and cache it
+    (`_classify`). Both must agree on every known name in four spellings and near misses."""
+    from gateway import forwarding as f
+
+    assert f.IDENTITY_PREFIX == "x-cityplane-"  # written out as bytes in _known_name
+    known = sorted(f.HOP_BY_HOP | f.FORWARDING | f.GATEWAY_SET | {"proxy"})
+    names = [n.encode() for n in known]
+    names += [b"X-CityPlane-User", b"x-cityplane-", b"X-CITYPLANE-trust-level", b"x-cityplanes"]
+    names += [b"Proxy-Foo", b"proxy-", b"Proxy", b"Proxies", b"proxyx", b"X-Proxy"]
+    names += [b"Accept", b"Content-Type", b"Cookie", b"X-Forwarded-Port", b"Forwarded-For"]
+    names += [b"A" * 70, b"Connection" + b"x" * 60, b"t", b"TE", b"tE", b"Te-X"]
+    spelled = []
+    for name in names:
+        spelled += [name, name.upper(), name.title(), name.swapcase()]
+        spelled += [name.replace(b"-", b"\r")]  # CR with the case bit set would read as "-"
+        spelled += [name[:-1], name + b"s"]
+    for name in spelled:
+        lname, kind = f._classify(name)
+        got = f._known_name(name, f._NAME_TABLE)
+        assert got[1] == kind, name
+        if kind in (f._HOP, f._FORWARDING):  # the only kinds whose lower-case name is read
+            assert got[0] == lname, name
