@@ -66,34 +66,28 @@ _WATCHED = {
 _OTHER = -1  # any other field
 
 
+# `_WATCHED` by name length, as `_field_kind` reads it: their lengths differ, so each length has
+# one name (or none: an empty name whose kind is `_OTHER`).
+_WATCHED_BY_SIZE = tuple(
+    next(((n, k) for n, k in _WATCHED.items() if len(n) == size), (b"", _OTHER))
+    for size in range(max(map(len, _WATCHED)) + 1)
+)
+
 # The C types of the compiled form (gateway/speedups.py declares them in the module's .pxd).
-C_TYPES = {"_field_kind": {"name": "bytes", "size": "Py_ssize_t"}}
+C_TYPES = {
+    "_field_kind": {"name": "bytes", "table": "tuple", "entry": "tuple", "size": "Py_ssize_t"}
+}
 
 
-def _field_kind(name: bytes) -> int:
-    """Which of the fields in `_WATCHED` ``name`` is, in any case, else `_OTHER`: their
-    lengths differ, so one comparison in C decides (ADR 22). Compiled only: the sources look
-    the lower-cased name up in `_WATCHED` (a loop over bytes in Python costs more)."""
+def _field_kind(name: bytes, table: tuple[tuple[bytes, int], ...]) -> int:
+    """Which of the fields in `_WATCHED` ``name`` is, in any case, else `_OTHER`: ``table`` is
+    `_WATCHED_BY_SIZE`, so one comparison in C decides (ADR 22). Compiled only: the sources
+    look the lower-cased name up in `_WATCHED` (a loop over bytes in Python costs more)."""
     size = len(name)
-    if size == 4:
-        return 0 if name_is(name, 0, b"host") else -1
-    if size == 13:
-        return 8 if name_is(name, 0, b"authorization") else -1
-    if size == 14:
-        return 1 if name_is(name, 0, b"content-length") else -1
-    if size == 17:
-        return 2 if name_is(name, 0, b"transfer-encoding") else -1
-    if size == 6:
-        return 3 if name_is(name, 0, b"expect") else -1
-    if size == 7:
-        return 4 if name_is(name, 0, b"upgrade") else -1
-    if size == 12:
-        return 5 if name_is(name, 0, b"x-request-id") else -1
-    if size == 11:
-        return 6 if name_is(name, 0, b"traceparent") else -1
-    if size == 15:
-        return 7 if name_is(name, 0, b"x-forwarded-for") else -1
-    return -1
+    if size >= len(table):
+        return -1  # _OTHER
+    entry = table[size]
+    return entry[1] if name_is(name, 0, entry[0]) else -1  # an empty name matches: _OTHER
 
 
 _METHODS = {m.encode(): m for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
@@ -590,7 +584,10 @@ class ClientConnection:
         if self._head_size > MAX_HEAD:
             raise _HeadRefused(Problem(431, "headers-too-large", "the request head is too large"))
         headers.append((name, value))
-        kind = _field_kind(name) if COMPILED else _WATCHED.get(name.lower(), _OTHER)
+        if COMPILED:
+            kind = _field_kind(name, _WATCHED_BY_SIZE)
+        else:
+            kind = _WATCHED.get(name.lower(), _OTHER)
         if kind == _OTHER:
             return
         if kind == _AUTHZ:

@@ -108,7 +108,7 @@ class UpstreamResponse:
         self.reason = reason
         # The header section as received (llhttp checked it), hop-by-hop fields included: the
         # CRLF that ended the status line, then each field line with its CRLF. The proxy relays
-        # it with the lines it does not pass cut out (gateway.forwarding.field_cutter).
+        # it with the lines it does not pass cut out (gateway.upstream.heads.relay_fields).
         self.fields = fields
         # The Content-Length field's value; HEAD, 204 and 304 responses have no body regardless.
         self.content_length = content_length

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -18,15 +19,22 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free now and distinct from each other: the sockets are held open together while
+    the kernel picks them (two calls of one socket each can get the same port back)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 class GatewayProcess:
     def __init__(self, config: Path | None, *extra: str, log_dir: Path | None = None) -> None:
-        self.port = free_port()
-        self.status_port = free_port()
+        self.port, self.status_port = free_ports(2)
         self.url = f"http://127.0.0.1:{self.port}"
         self.status_url = f"http://127.0.0.1:{self.status_port}"
         where = log_dir or (config.parent if config else Path("."))

@@ -6,7 +6,7 @@ bytes once llhttp has accepted them. These tests feed the same bytes to an `Http
 with those callbacks and require the same answer: the same fields, reason, framing and keep-alive
 decision when llhttp accepts the head, and a failed exchange when it refuses it. Heads are split
 at every byte, preceded by 1xx interim heads, and answer HEAD requests. The relay side
-(`field_cutter`) is checked against the per-field filter it replaced.
+(`relay_fields`) is checked against the per-field filter it replaced.
 """
 
 from __future__ import annotations
