@@ -263,9 +263,13 @@ class CompiledTree:
         alone: the sources' hashes cover them, so the runtime check needs no more."""
         classes = self._classes() if classes is None else classes
         functions = self._functions()
-        return {
-            m: cdef_declarations(self._text(m), m, classes[m], functions[m]) for m in self.modules
-        }
+        found = {}
+        for m in self.modules:
+            try:
+                found[m] = cdef_declarations(self._text(m), m, classes[m], functions[m])
+            except ValueError as exc:  # a C_TYPES literal the build refuses (ADR 22)
+                raise BuildError(f"{self.source(m)}: {exc}") from None
+        return found
 
     def _classes(self) -> dict[str, dict[str, list[str]]]:
         """For each module, the extension classes (`extension_classes`) of the modules whose
@@ -314,7 +318,10 @@ class CompiledTree:
         then names ``gateway/…/module.py`` in tracebacks, with the source's line numbers)."""
         source = self.source(module)
         text = source.read_text(encoding="utf-8")
-        typed = typed_source(text, module, others)
+        try:
+            typed = typed_source(text, module, others)
+        except ValueError as exc:
+            raise BuildError(f"{source}: {exc}") from None
         if typed == text:
             return source
         *package, name = module.split(".")

@@ -1074,3 +1074,14 @@ def test_a_compiled_function_runs_on_its_c_types(tmp_path: Path) -> None:
         "TypeError",
         "TypeError",
     ]
+
+
+@pytest.mark.skipif(not HAS_CYTHON, reason="Cython is not installed")
+def test_a_refused_c_types_literal_is_a_build_error_naming_the_file(tmp_path: Path) -> None:
+    from gateway.speedups import BuildError
+
+    tree = _package(
+        tmp_path, {"pkg.bad": 'C_TYPES = {"f": {"i": "long"}}\n\n\ndef f(i):\n    return i\n'}
+    )
+    with pytest.raises(BuildError, match=r"pkg/bad\.py: line 1: C_TYPES must be a literal dict"):
+        tree.build(jobs=1)
